@@ -1,0 +1,228 @@
+"""PrefLoop: collect human preferences between two answers and turn them into a better model.
+
+    python app.py                                   # embedded SmolLM2 on CPU, or Mistral-7B on CUDA
+    python app.py --model ./my-model --users users.txt --admins alice
+    python app.py --vllm-url http://127.0.0.1:8000 --vllm-url http://127.0.0.1:8001
+    python app.py hash-password                     # a hashed line for the users file
+
+Composition root: read flags and environment, build the services, build the Gradio Blocks,
+launch, and stop everything on Ctrl-C or SIGTERM. No business logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("prefloop")
+
+ENV_DATA_DIR = "PREFLOOP_DATA_DIR"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description="PrefLoop: annotators compare two answers from the serving model; IPO rounds on "
+        "their votes train a LoRA adapter that is hot-swapped into vLLM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("command", nargs="?", choices=["serve", "hash-password"], default="serve",
+                   help="serve the app, or print a hashed password line for the users file")
+    g = p.add_argument_group("model and serving")
+    g.add_argument("--model", default=None,
+                   help="base model: 'embedded' (SmolLM2-135M-Instruct, offline), a local Hugging Face "
+                   "folder, or a Hub id. Default: embedded without CUDA, mistralai/Mistral-7B-Instruct-v0.2 with CUDA")
+    g.add_argument("--vllm-url", action="append", default=[], metavar="URL",
+                   help="attach to a running vLLM server instead of starting one (repeat for several)")
+    g.add_argument("--vllm-api-key", default=os.environ.get("VLLM_API_KEY"),
+                   help="API key of attached vLLM servers (env VLLM_API_KEY)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
+    g.add_argument("--max-model-len", type=int, default=2048, help="vLLM context length")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of GPU memory vLLM may take (CUDA only)")
+    g.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    g.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the two answers")
+    g = p.add_argument_group("app")
+    g.add_argument("--data-dir", type=Path, default=Path(os.environ.get(ENV_DATA_DIR, "data")),
+                   help=f"votes, models, adapters, rounds and logs (env {ENV_DATA_DIR})")
+    g.add_argument("--host", default="127.0.0.1", help="address the web app listens on (0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)), help="web app port (env PORT)")
+    g.add_argument("--users", type=Path, default=None,
+                   help="users file, lines 'name:password' (or a hash from `hash-password`). "
+                   "Default: <data-dir>/users.txt, created on first run with a random admin password")
+    g.add_argument("--admins", default=None,
+                   help="comma-separated admin names. Default: the first user of the users file")
+    g.add_argument("--prompts", type=Path, default=None, help="prompts file (one per line, or .jsonl with 'prompt')")
+    g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
+    g = p.add_argument_group("rounds")
+    g.add_argument("--round-every-votes", type=int, default=32,
+                   help="start a round when this many new usable votes arrived (0: off)")
+    g.add_argument("--round-every-minutes", type=float, default=0.0, help="also start one this often (0: off)")
+    g.add_argument("--beta", type=float, default=0.1, help="IPO beta (tau)")
+    g.add_argument("--learning-rate", type=float, default=5e-5, help="LoRA learning rate")
+    g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
+    g.add_argument("--log-level", default="INFO", help="logging level")
+    args = p.parse_args(argv)
+    if args.lora_r > args.max_lora_rank:
+        p.error(f"--lora-r {args.lora_r} exceeds --max-lora-rank {args.max_lora_rank}: vLLM would refuse the adapters")
+    return args
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"port {port} on {host} is in use or not allowed ({e.strerror}); pass --port with a free port") from None
+
+
+def setup_logging(level: str, data_dir: Path) -> None:
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=[
+        logging.StreamHandler(), logging.FileHandler(data_dir / "logs" / "app.log")])
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class App:
+    """The running services, so that shutdown can stop them in order."""
+
+    demo: object
+    engine: object
+    scheduler: object
+    url: str
+
+
+def build(args: argparse.Namespace, stop: threading.Event) -> App:
+    import gradio as gr
+
+    from collector.annotate import AnnotateConfig, Annotation
+    from collector.engine import Engine, EngineConfig
+    from collector.models import resolve_model
+    from collector.prompts import BUNDLED, PromptQueue
+    from collector.sampling import SamplingParams
+    from collector.serving import Serving
+    from collector.users import Users
+    from storage.votes import VoteStore
+    from trainer.ipo import TrainConfig
+    from trainer.rounds import RoundConfig, Rounds
+    from trainer.schedule import ScheduleConfig, Scheduler
+    from ui import admin, annotate
+
+    data_dir = args.data_dir.resolve()
+    # Cheap checks first: a bad users file or a busy port should not wait for vLLM.
+    password = None
+    users_path = args.users or data_dir / "users.txt"
+    if args.users is None and not users_path.exists():
+        users, password = Users.generate(users_path)
+    else:
+        users = Users.load(users_path)
+    admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
+    check_port(args.host, args.port)
+    store = VoteStore(data_dir / "votes.db")
+    queue = PromptQueue(store)
+    queue.load_file(args.prompts or BUNDLED)
+
+    model = resolve_model(args.model, data_dir)
+    if args.vllm_url:
+        engine = Engine.attach(args.vllm_url, args.vllm_api_key)
+    else:
+        engine = Engine.launch(EngineConfig(
+            model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization, log_path=data_dir / "logs" / "vllm.log"))
+    try:
+        serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
+        rounds = Rounds(store, data_dir, model)
+        rounds.cleanup()
+        serving.restore()
+        round_cfg = RoundConfig(train=TrainConfig(
+            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r))
+        scheduler = Scheduler(
+            rounds, round_cfg,
+            ScheduleConfig(min_new_votes=args.round_every_votes, every_minutes=args.round_every_minutes),
+            serving_adapter=lambda: None if serving.current == "base" else serving.current,
+            on_promoted=serving.sync,
+        )
+        svc = Annotation(store, queue, serving, AnnotateConfig(
+            sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
+            pairs_per_minute=args.pairs_per_minute))
+
+        def who(request: gr.Request) -> str | None:
+            return getattr(request, "username", None) if request is not None else None
+
+        with gr.Blocks(title="PrefLoop") as demo:
+            gr.Markdown("## PrefLoop — which answer is better?")
+            with gr.Tabs():
+                with gr.Tab("Annotate", id="annotate"):
+                    annotate.build(demo, svc, who)
+                with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
+                    admin.build(demo, admin_tab, store, rounds, scheduler, serving, who, admins)
+            annotate.build_api(svc, who)
+        demo.queue(default_concurrency_limit=16)
+        _, url, _ = demo.launch(
+            server_name=args.host, server_port=args.port, auth=users.check, prevent_thread_lock=True,
+            quiet=True, head=annotate.SHORTCUTS_JS, footer_links=["api"],
+            auth_message="Log in to compare answers.",
+        )
+        scheduler.start()
+    except BaseException:
+        engine.close()
+        raise
+    print(f"PrefLoop is running at {url}", flush=True)
+    if password:
+        print(f"Log in as 'admin' with password '{password}' (stored hashed in {users_path}; "
+              "this is the only time it is shown).", flush=True)
+    else:
+        print(f"Log in with a user from {users_path}; admins: {', '.join(sorted(admins))}.", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    return App(demo, engine, scheduler, url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "hash-password":
+        from collector.users import hash_password
+
+        name = input("user name: ").strip()
+        print(f"{name}:{hash_password(getpass.getpass('password: '))}")
+        return 0
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(args.log_level, args.data_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from collector.errors import EngineError, ModelError
+    from collector.prompts import PromptError
+    from collector.users import UsersError
+    from storage.errors import StorageError
+
+    try:
+        app = build(args, stop)
+    except (ModelError, EngineError, UsersError, StorageError, PromptError, OSError) as e:
+        print(f"prefloop: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        stop.wait()
+    finally:
+        logger.info("shutting down")
+        app.scheduler.stop()
+        app.demo.close()
+        app.engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

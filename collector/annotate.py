@@ -1,0 +1,120 @@
+"""The annotation service shared by the browser UI and the `/next_pair`, `/vote` API: one place
+for identity, rate limits, prompt checks, sampling and recording."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from collector.prompts import PromptError, PromptQueue, check_prompt
+from collector.sampling import PairStream, SamplingParams
+from collector.serving import Serving
+from storage.votes import Choice, VoteStore
+
+logger = logging.getLogger(__name__)
+
+
+class RateLimited(Exception):
+    """An annotator asked for more than the per-user rate limit allows."""
+
+
+class RateLimiter:
+    """At most ``limit`` events per ``window_s`` seconds per user (sliding window)."""
+
+    def __init__(self, limit: int, window_s: float = 60.0):
+        self.limit = limit
+        self.window_s = window_s
+        self._events: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, user: str) -> None:
+        if self.limit <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            q = self._events.setdefault(user, deque())
+            while q and now - q[0] > self.window_s:
+                q.popleft()
+            if len(q) >= self.limit:
+                wait = self.window_s - (now - q[0])
+                raise RateLimited(f"too many requests: at most {self.limit} per {self.window_s:.0f} s; try again in {wait:.0f} s")
+            q.append(now)
+
+
+@dataclass
+class AnnotateConfig:
+    """Annotation settings.
+
+    Fields:
+        sampling (SamplingParams): how answers are sampled.
+        pairs_per_minute (int, default 30): per-annotator limit on new pairs (0: none).
+        max_prompt_chars (int, default 4000): longest prompt an annotator may type.
+    """
+
+    sampling: SamplingParams = SamplingParams()
+    pairs_per_minute: int = 30
+    max_prompt_chars: int = 4000
+
+
+class Annotation:
+    def __init__(self, store: VoteStore, queue: PromptQueue, serving: Serving, config: AnnotateConfig):
+        self.store = store
+        self.queue = queue
+        self.serving = serving
+        self.config = config
+        self.limiter = RateLimiter(config.pairs_per_minute)
+
+    def stream_pair(self, annotator: str, prompt: str | None = None) -> Iterator[dict[str, Any]]:
+        """Yield ``{"prompt", "left", "right", "done": False}`` while streaming, then the stored pair
+        with its ``pair_id`` and ``done: True``."""
+        if not annotator:
+            raise PermissionError("log in first")
+        self.limiter.check(annotator)
+        if prompt is not None and prompt.strip():
+            text = check_prompt(prompt, self.config.max_prompt_chars)
+            prompt_id = self.store.prompt_id(text)
+        else:
+            picked = self.queue.next_for(annotator)
+            if picked is None:
+                raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
+            prompt_id, text = picked
+        messages = [{"role": "user", "content": text}]
+        stream = PairStream(self.serving.engine, messages, self.config.sampling)
+        for left, right in stream:
+            yield {"prompt": text, "left": left, "right": right, "done": False}
+        pair = stream.pair
+        assert pair is not None
+        pair_id = self.store.issue_pair(
+            annotator=annotator, prompt_id=prompt_id, messages=messages,
+            answer_left=pair.answers[0], answer_right=pair.answers[1],
+            model_left=pair.models[0], model_right=pair.models[1], seed=pair.seed,
+            params=pair.params, timings=pair.timings(),
+        )
+        logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
+        yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}
+
+    def next_pair(self, annotator: str, prompt: str | None = None) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        for last in self.stream_pair(annotator, prompt):
+            pass
+        last.pop("done", None)
+        return last
+
+    def vote(self, annotator: str, pair_id: str, choice: str) -> dict[str, Any]:
+        if not annotator:
+            raise PermissionError("log in first")
+        vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice))
+        return {"vote_id": vote_id, "pair_id": pair_id, "choice": Choice.parse(choice).value}
+
+    def counts(self, annotator: str) -> dict[str, int]:
+        midnight = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
+        return {
+            "today": self.store.count_votes_by(annotator, midnight),
+            "mine": self.store.count_votes_by(annotator),
+            "total": self.store.count_votes(),
+        }

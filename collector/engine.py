@@ -1,0 +1,340 @@
+"""The vLLM OpenAI-compatible server(s) that PrefLoop samples from.
+
+``VLLMServer`` manages one server as a subprocess (own process group, 127.0.0.1, random API key,
+runtime LoRA loading on). ``Engine`` talks to one or more endpoints, managed or attached
+(``--vllm-url``): requests spread across healthy endpoints, adapters load into all of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from collector.errors import AdapterRejected, EngineError
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"  # served name of the base model (no adapter)
+
+
+@dataclass
+class EngineConfig:
+    """How to run or reach vLLM.
+
+    Fields:
+        model (str): local folder or Hub id of the base model (managed server only).
+        urls (list[str], default []): attach to these running servers instead of launching one.
+        api_key (str | None, default None): key for attached servers; a managed one gets a random key.
+        max_lora_rank (int, default 16): largest adapter rank the server accepts.
+        max_loras (int, default 2): adapters resident in one batch.
+        max_model_len (int, default 2048): context length.
+        dtype (str, default "bfloat16"): weights and activations dtype.
+        cpu_kvcache_gb (int, default 2): KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).
+        gpu_memory_utilization (float | None, default None): share of GPU memory for vLLM (CUDA).
+        startup_timeout (float, default 600.0): seconds to wait for the server to become healthy.
+        log_path (Path | None, default None): where the managed server's output goes.
+        extra_args (list[str], default []): more `vllm serve` flags, passed as is.
+    """
+
+    model: str = ""
+    urls: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    max_lora_rank: int = 16
+    max_loras: int = 2
+    max_model_len: int = 2048
+    dtype: str = "bfloat16"
+    cpu_kvcache_gb: int = 2
+    gpu_memory_utilization: float | None = None
+    startup_timeout: float = 600.0
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path | None, lines: int = 25) -> str:
+    if path is None or not Path(path).exists():
+        return "(no log)"
+    text = Path(path).read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+class VLLMServer:
+    """One vLLM server as a subprocess in its own process group."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.port = free_port()
+        self.api_key = secrets.token_urlsafe(24)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(config.log_path or f"vllm-{self.port}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        c = self.config
+        # `python -m` rather than the `vllm` script: under vllm-cpu the script fails its own
+        # version lookup (the distribution is named vllm-cpu).
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", c.model, "--served-model-name", BASE,
+            "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
+            "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
+            "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),
+            "--disable-uvicorn-access-log",
+        ]
+        if c.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        return cmd + list(c.extra_args)
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_gb))
+        env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        logger.info("starting vLLM on %s (log: %s)", self.url, self.log_path)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+        log.close()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until /health answers; on exit or timeout raise EngineError with the log tail."""
+        deadline = time.monotonic() + (timeout or self.config.startup_timeout)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise EngineError(
+                    f"vLLM exited with code {self.proc.returncode} while starting; last lines of "
+                    f"{self.log_path}:\n{tail(self.log_path)}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    logger.info("vLLM ready on %s", self.url)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise EngineError(
+            f"vLLM did not become healthy within {timeout or self.config.startup_timeout:.0f} s; "
+            f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after ``grace`` seconds."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; make sure no worker of its group survives it.
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        logger.info("vLLM on %s stopped", self.url)
+        self.proc = None
+
+
+@dataclass
+class Endpoint:
+    url: str
+    api_key: str | None
+    healthy: bool = True
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class Engine:
+    """Client for the serving endpoints, plus which adapter serves now."""
+
+    def __init__(self, endpoints: list[Endpoint], server: VLLMServer | None = None):
+        if not endpoints:
+            raise EngineError("no vLLM endpoint: give --vllm-url or let PrefLoop start one")
+        self.endpoints = endpoints
+        self.server = server
+        self._rr = itertools.cycle(range(len(endpoints)))
+        self._lock = threading.Lock()
+        self.serving = BASE
+        self.loaded: dict[str, str] = {}  # adapter name -> path
+        self._inflight: dict[str, int] = {}
+
+    @classmethod
+    def launch(cls, config: EngineConfig) -> Engine:
+        """Start a managed server and wait for it to be healthy."""
+        server = VLLMServer(config)
+        server.start()
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+        return cls([Endpoint(server.url, server.api_key)], server)
+
+    @classmethod
+    def attach(cls, urls: list[str], api_key: str | None = None) -> Engine:
+        engine = cls([Endpoint(u.rstrip("/"), api_key) for u in urls])
+        for ep in engine.endpoints:
+            engine._check(ep)
+        if not any(ep.healthy for ep in engine.endpoints):
+            raise EngineError(f"none of the vLLM endpoints answer: {', '.join(urls)}; is the server running?")
+        return engine
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def _check(self, ep: Endpoint) -> bool:
+        try:
+            ep.healthy = httpx.get(f"{ep.url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ep.healthy = False
+        return ep.healthy
+
+    def pick(self) -> Endpoint:
+        """The next healthy endpoint, round robin; rechecks all when none looks healthy."""
+        with self._lock:
+            for _ in range(len(self.endpoints)):
+                ep = self.endpoints[next(self._rr)]
+                if ep.healthy:
+                    return ep
+        for ep in self.endpoints:
+            if self._check(ep):
+                return ep
+        raise EngineError("no vLLM endpoint is healthy; see the vLLM log")
+
+    def models(self, ep: Endpoint | None = None) -> list[str]:
+        ep = ep or self.pick()
+        r = httpx.get(f"{ep.url}/v1/models", headers=ep.headers, timeout=10)
+        r.raise_for_status()
+        return [m["id"] for m in r.json()["data"]]
+
+    # -- adapters ------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal."""
+        for ep in self.endpoints:
+            try:
+                r = httpx.post(
+                    f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
+                    json={"lora_name": name, "lora_path": str(path)},
+                )
+            except httpx.HTTPError as e:
+                ep.healthy = False
+                logger.warning("endpoint %s unreachable while loading %s: %s", ep.url, name, e)
+                continue
+            if r.status_code == 400 and "already" in r.text:
+                continue
+            if r.status_code != 200:
+                raise AdapterRejected(f"vLLM at {ep.url} refused adapter {name!r} ({path}): {_error_text(r)}")
+        self.loaded[name] = str(path)
+        logger.info("adapter %s loaded from %s", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        for ep in self.endpoints:
+            try:
+                httpx.post(f"{ep.url}/v1/unload_lora_adapter", headers=ep.headers, timeout=30, json={"lora_name": name})
+            except httpx.HTTPError as e:
+                logger.warning("endpoint %s unreachable while unloading %s: %s", ep.url, name, e)
+        self.loaded.pop(name, None)
+        logger.info("adapter %s unloaded", name)
+
+    def inflight(self, model: str) -> int:
+        """Requests now streaming from ``model`` (an adapter name or the base)."""
+        with self._lock:
+            return self._inflight.get(model, 0)
+
+    def _track(self, model: str, delta: int) -> None:
+        with self._lock:
+            self._inflight[model] = self._inflight.get(model, 0) + delta
+
+    def set_serving(self, name: str) -> None:
+        if name != BASE and name not in self.loaded:
+            raise EngineError(f"adapter {name!r} is not loaded; load it first")
+        previous, self.serving = self.serving, name
+        logger.info("serving %s (was %s)", name, previous)
+
+    # -- generation ----------------------------------------------------------------------
+
+    def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST a streaming chat completion; yields the parsed SSE chunks."""
+        ep = self.pick()
+        body = {**body, "stream": True}
+        self._track(body["model"], +1)
+        try:
+            with httpx.stream(
+                "POST", f"{ep.url}/v1/chat/completions", headers=ep.headers, json=body,
+                timeout=httpx.Timeout(600.0, connect=5.0),
+            ) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data.strip() == "[DONE]":
+                        return
+                    yield json.loads(data)
+        except httpx.ConnectError as e:
+            ep.healthy = False
+            raise EngineError(f"vLLM at {ep.url} is unreachable: {e}") from e
+        finally:
+            self._track(body["model"], -1)
+
+    def chat(self, messages: list[dict[str, str]], model: str | None = None, **params: Any) -> list[str]:
+        """A non-streaming chat completion; returns the text of each choice."""
+        ep = self.pick()
+        r = httpx.post(
+            f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
+            json={"model": model or self.serving, "messages": messages, **params},
+        )
+        if r.status_code != 200:
+            raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
+        return [c["message"]["content"] for c in r.json()["choices"]]
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        msg = body.get("message") or body.get("error", {}).get("message") or body
+    except (ValueError, AttributeError):
+        msg = r.text
+    return str(msg)[:500]

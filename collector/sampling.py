@@ -1,0 +1,127 @@
+"""Two answers to one prompt, from the policy that serves now.
+
+A same-policy pair is one request with n=2 and a logged seed; identical answers are
+resampled with the next seed. Both answers stream; ``PairStream`` yields the partial texts
+for the UI and then holds the finished ``Pair`` with its provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from collector.engine import Engine
+from collector.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters sent to vLLM.
+
+    Fields:
+        temperature (float, default 0.9): softmax temperature; > 0 so the two answers differ.
+        top_p (float, default 0.95): nucleus sampling mass.
+        max_tokens (int, default 256): longest answer, in tokens.
+        max_resamples (int, default 2): new seeds to try when both answers come out identical.
+    """
+
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_tokens: int = 256
+    max_resamples: int = 2
+
+    def request(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+
+
+@dataclass
+class Pair:
+    """Two answers with provenance: which adapter produced each side, seed, params, timings."""
+
+    messages: list[dict[str, str]]
+    answers: tuple[str, str]
+    models: tuple[str, str]
+    seed: int
+    params: dict[str, Any]
+    ttft_s: tuple[float, float]
+    total_s: tuple[float, float]
+    finish_reasons: tuple[str, str] = ("", "")
+    resamples: int = 0
+    arena: bool = False
+
+    def timings(self) -> dict[str, Any]:
+        return {"ttft_s": list(self.ttft_s), "total_s": list(self.total_s), "resamples": self.resamples}
+
+    def provenance(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("answers")
+        return d
+
+
+@dataclass
+class PairStream:
+    """Iterate for ``(left, right)`` partial texts; afterwards ``pair`` holds the result."""
+
+    engine: Engine
+    messages: list[dict[str, str]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    model: str | None = None
+    pair: Pair | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        model = self.model or self.engine.serving
+        seed = self.seed if self.seed is not None else random.randrange(2**31)
+        for attempt in range(self.params.max_resamples + 1):
+            texts = ["", ""]
+            ttft: list[float | None] = [None, None]
+            total = [0.0, 0.0]
+            finish = ["", ""]
+            body = {"model": model, "messages": self.messages, "n": 2, "seed": seed, **self.params.request()}
+            t0 = time.perf_counter()
+            for chunk in self.engine.stream_chat(body):
+                for choice in chunk.get("choices", []):
+                    i = choice["index"]
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    now = time.perf_counter() - t0
+                    if delta:
+                        if ttft[i] is None:
+                            ttft[i] = now
+                        texts[i] += delta
+                    if choice.get("finish_reason"):
+                        finish[i] = choice["finish_reason"]
+                        total[i] = now
+                yield texts[0], texts[1]
+            if not all(finish):
+                raise EngineError(f"vLLM ended the stream before both answers finished (seed {seed})")
+            if texts[0].strip() != texts[1].strip() or attempt == self.params.max_resamples:
+                break
+            logger.info("identical answers for seed %d; resampling", seed)
+            seed += 1
+        self.pair = Pair(
+            messages=self.messages, answers=(texts[0], texts[1]), models=(model, model), seed=seed,
+            params={**self.params.request(), "n": 2}, ttft_s=(ttft[0] or total[0], ttft[1] or total[1]),
+            total_s=(total[0], total[1]), finish_reasons=(finish[0], finish[1]), resamples=attempt,
+        )
+        logger.info("pair sampled model=%s seed=%d total=%.1fs/%.1fs", model, seed, *self.pair.total_s)
+
+
+def sample_pair(
+    engine: Engine,
+    messages: list[dict[str, str]],
+    params: SamplingParams | None = None,
+    seed: int | None = None,
+    model: str | None = None,
+) -> Pair:
+    """Sample a pair to completion (no UI streaming)."""
+    stream = PairStream(engine, messages, params or SamplingParams(), seed, model)
+    for _ in stream:
+        pass
+    assert stream.pair is not None
+    return stream.pair

@@ -1,0 +1,1 @@
+"""Durable state for PrefLoop: SQLite votes, exports, Hub sync. Imports nothing else of ours."""

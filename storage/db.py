@@ -1,0 +1,112 @@
+"""SQLite connection (WAL, synchronous=FULL) and numbered, append-only migrations.
+
+Each migration is a function ``mNNNN_name(conn)``; the list is only ever appended to.
+``PRAGMA user_version`` records how many have run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits first, which would break the migration's transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def m0001_initial(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        """
+        CREATE TABLE prompts (
+            id INTEGER PRIMARY KEY,
+            text TEXT NOT NULL UNIQUE,
+            source TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE pairs (
+            id TEXT PRIMARY KEY,              -- the pair token handed to the annotator
+            annotator TEXT NOT NULL,
+            prompt_id INTEGER REFERENCES prompts(id),
+            messages TEXT NOT NULL,           -- JSON list of chat messages (the prompt)
+            answer_left TEXT NOT NULL,
+            answer_right TEXT NOT NULL,
+            model_left TEXT NOT NULL,
+            model_right TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            params TEXT NOT NULL,             -- JSON sampling parameters
+            timings TEXT NOT NULL,            -- JSON per-side ttft/total seconds
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX pairs_annotator ON pairs(annotator);
+        CREATE TABLE votes (
+            id INTEGER PRIMARY KEY,
+            pair_id TEXT NOT NULL UNIQUE REFERENCES pairs(id),
+            annotator TEXT NOT NULL,
+            choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'both_bad')),
+            latency_ms INTEGER,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE rounds (
+            id INTEGER PRIMARY KEY,
+            status TEXT NOT NULL,             -- running | promoted | rejected | failed
+            watermark INTEGER NOT NULL,       -- votes with id <= watermark were used
+            adapter TEXT,                     -- served name, e.g. round-0001
+            reason TEXT,
+            pid INTEGER,
+            started_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial]
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """Open the database with durable settings; every acknowledged commit is on disk."""
+    try:
+        conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as e:
+        raise StorageError(f"cannot open database {path}: {e}; check the path and its permissions") from e
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Run the migrations not yet applied; returns the schema version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"database schema version {version} is newer than this PrefLoop knows "
+                f"({len(MIGRATIONS)}); upgrade PrefLoop"
+            )
+        for n, fn in enumerate(MIGRATIONS[version:], start=version + 1):
+            logger.info("migration %04d %s", n, fn.__name__)
+            fn(conn)
+            conn.execute(f"PRAGMA user_version={n}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)

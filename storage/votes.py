@@ -1,0 +1,249 @@
+"""Pairs and votes. A pair is issued to one annotator under a token; ``record_vote`` is
+idempotent on that token, and returns only after the vote is committed (synchronous=FULL)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from storage.db import connect, migrate
+from storage.errors import VoteRejected
+
+logger = logging.getLogger(__name__)
+
+
+class Choice(str, Enum):
+    """What an annotator said about a pair."""
+
+    LEFT = "left"
+    RIGHT = "right"
+    TIE = "tie"
+    BOTH_BAD = "both_bad"
+
+    @classmethod
+    def parse(cls, value: str) -> Choice:
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            allowed = ", ".join(c.value for c in cls)
+            raise VoteRejected(f"invalid choice {value!r}; use one of: {allowed}") from None
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    """A pair as shown to an annotator, with its provenance."""
+
+    pair_id: str
+    annotator: str
+    messages: list[dict[str, str]]
+    answer_left: str
+    answer_right: str
+    model_left: str
+    model_right: str
+    seed: int
+    params: dict[str, Any]
+    timings: dict[str, Any]
+    created_at: float
+
+
+class VoteStore:
+    """The vote log in one SQLite file. Safe to share between threads and processes:
+    every call opens its own short-lived connection."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._conn() as conn:
+            migrate(conn)
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = connect(self.path)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def add_prompts(self, texts: list[str], source: str) -> int:
+        """Insert prompts not already known; returns how many were new."""
+        now = time.time()
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO prompts(text, source, created_at) VALUES (?, ?, ?)",
+                [(t, source, now) for t in texts],
+            )
+            conn.execute("COMMIT")
+            return conn.total_changes - before
+
+    def prompt_stats(self) -> list[sqlite3.Row]:
+        """Every prompt with its vote count and both-bad count."""
+        with self._conn() as conn:
+            return conn.execute(
+                """SELECT p.id, p.text, p.source,
+                          COUNT(v.id) AS votes,
+                          SUM(CASE WHEN v.choice = 'both_bad' THEN 1 ELSE 0 END) AS both_bad
+                   FROM prompts p
+                   LEFT JOIN pairs pr ON pr.prompt_id = p.id
+                   LEFT JOIN votes v ON v.pair_id = pr.id
+                   GROUP BY p.id ORDER BY p.id"""
+            ).fetchall()
+
+    def prompts_seen_by(self, annotator: str) -> set[int]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT prompt_id FROM pairs WHERE annotator = ? AND prompt_id IS NOT NULL",
+                (annotator,),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def prompt_id(self, text: str, source: str = "annotator") -> int:
+        """The id of a prompt, inserting it if new (prompts typed by annotators)."""
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO prompts(text, source, created_at) VALUES (?, ?, ?)",
+                (text, source, time.time()),
+            )
+            return conn.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
+
+    # -- pairs and votes -----------------------------------------------------------------
+
+    def issue_pair(
+        self,
+        *,
+        annotator: str,
+        prompt_id: int | None,
+        messages: list[dict[str, str]],
+        answer_left: str,
+        answer_right: str,
+        model_left: str,
+        model_right: str,
+        seed: int,
+        params: dict[str, Any],
+        timings: dict[str, Any],
+    ) -> str:
+        """Store a pair shown to ``annotator``; returns its token (the pair id)."""
+        token = secrets.token_urlsafe(16)
+        with self._conn() as conn:
+            conn.execute(
+                """INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right,
+                                     model_left, model_right, seed, params, timings, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    token, annotator, prompt_id, json.dumps(messages), answer_left, answer_right,
+                    model_left, model_right, seed, json.dumps(params), json.dumps(timings), time.time(),
+                ),
+            )
+        return token
+
+    def get_pair(self, pair_id: str) -> StoredPair | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredPair(
+            pair_id=row["id"], annotator=row["annotator"], messages=json.loads(row["messages"]),
+            answer_left=row["answer_left"], answer_right=row["answer_right"],
+            model_left=row["model_left"], model_right=row["model_right"], seed=row["seed"],
+            params=json.loads(row["params"]), timings=json.loads(row["timings"]),
+            created_at=row["created_at"],
+        )
+
+    def record_vote(self, pair_id: str, annotator: str, choice: Choice | str) -> int:
+        """Commit a vote and return its id; replaying the same token returns the same id."""
+        choice = choice if isinstance(choice, Choice) else Choice.parse(choice)
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                pair = conn.execute(
+                    "SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)
+                ).fetchone()
+                if pair is None:
+                    raise VoteRejected(f"unknown pair {pair_id!r}; ask for a new pair with /next_pair")
+                if pair["annotator"] != annotator:
+                    raise VoteRejected(f"pair {pair_id!r} was issued to another annotator; ask for your own")
+                existing = conn.execute(
+                    "SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)
+                ).fetchone()
+                if existing is not None:
+                    conn.execute("ROLLBACK")
+                    if existing["choice"] != choice.value:
+                        raise VoteRejected(
+                            f"pair {pair_id!r} already has the vote {existing['choice']!r}; one pair takes one vote"
+                        )
+                    return existing["id"]
+                now = time.time()
+                cur = conn.execute(
+                    "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        vote_id = cur.lastrowid
+        logger.info("vote %d pair=%s annotator=%s choice=%s", vote_id, pair_id, annotator, choice.value)
+        return vote_id
+
+    def count_votes(self, since: int = 0) -> int:
+        """Votes with id greater than ``since`` (a watermark)."""
+        with self._conn() as conn:
+            return conn.execute("SELECT COUNT(*) FROM votes WHERE id > ?", (since,)).fetchone()[0]
+
+    def count_votes_by(self, annotator: str, since_ts: float = 0.0) -> int:
+        with self._conn() as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM votes WHERE annotator = ? AND created_at >= ?", (annotator, since_ts)
+            ).fetchone()[0]
+
+    def max_vote_id(self) -> int:
+        with self._conn() as conn:
+            return conn.execute("SELECT COALESCE(MAX(id), 0) FROM votes").fetchone()[0]
+
+    def votes_with_pairs(self, after: int = 0, upto: int | None = None) -> list[dict[str, Any]]:
+        """Votes joined with their pairs, oldest first, for ``after < vote id <= upto``."""
+        upto = self.max_vote_id() if upto is None else upto
+        with self._conn() as conn:
+            rows = conn.execute(
+                """SELECT v.id AS vote_id, v.pair_id, v.annotator, v.choice, v.latency_ms,
+                          v.created_at, p.messages, p.answer_left, p.answer_right,
+                          p.model_left, p.model_right, p.seed, p.params
+                   FROM votes v JOIN pairs p ON p.id = v.pair_id
+                   WHERE v.id > ? AND v.id <= ? ORDER BY v.id""",
+                (after, upto),
+            ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["messages"] = json.loads(d["messages"])
+            d["params"] = json.loads(d["params"])
+            out.append(d)
+        return out
+
+    # -- settings (small key/value state, e.g. the serving adapter) ----------------------
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO settings(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )

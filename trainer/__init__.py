@@ -1,0 +1,1 @@
+"""Alignment rounds: snapshot votes, IPO on LoRA with TRL, gate, promote, hot-swap."""

@@ -1,0 +1,279 @@
+"""One IPO training run: TRL DPOTrainer(loss_type=["ipo"]) on a peft LoRA adapter.
+
+Run as a subprocess by ``trainer.rounds`` (``python -m trainer.ipo SPEC.json``) so that a crash,
+an OOM kill or a SIGKILL cannot take the app or a half-written adapter with it. Metrics go to
+``metrics.jsonl`` (one line per logged step, then the held-out evaluation) in the work dir;
+the result, ``result.json``, is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one round.
+
+    Fields:
+        loss (str, default "ipo"): TRL loss type; "sigmoid" is DPO with the same machinery.
+        beta (float, default 0.1): IPO's tau: the per-token log-ratio gap target is 1/(2*beta).
+        learning_rate (float, default 5e-5): AdamW learning rate for the LoRA weights.
+        epochs (float, default 2.0): passes over this round's training pairs.
+        max_steps (int, default -1): stop after this many optimiser steps (-1: from epochs).
+        batch_size (int, default 4): pairs per optimiser step (per device).
+        grad_accum (int, default 1): gradient accumulation steps.
+        max_length (int, default 512): prompt + answer tokens kept per sequence.
+        lora_r (int, default 16): LoRA rank (must not exceed the server's --max-lora-rank).
+        lora_alpha (int, default 32): LoRA scaling numerator.
+        lora_dropout (float, default 0.0): dropout inside LoRA layers.
+        quantize (str | None, default None): "4bit" for QLoRA (bitsandbytes nf4).
+        bf16 (bool | None, default None): bf16 autocast; None = on CUDA with bf16 support only.
+        seed (int, default 0): trainer seed.
+        sample_prompts (list, default []): prompts for the post-training degeneration check.
+        fault (str | None, default None): test hook: "nan" forces a NaN loss.
+    """
+
+    loss: str = "ipo"
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    epochs: float = 2.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    quantize: str | None = None
+    bf16: bool | None = None
+    seed: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    fault: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ipo", "sigmoid"):
+            raise ValueError(f"loss {self.loss!r}: use 'ipo' or 'sigmoid'")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.quantize not in (None, "4bit"):
+            raise ValueError(f"quantize {self.quantize!r}: use '4bit' or leave it unset")
+
+
+@dataclass
+class TrainSpec:
+    """What the worker subprocess is asked to do (written as SPEC.json)."""
+
+    base_model: str
+    work_dir: str
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    init_adapter: str | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainSpec:
+        d = json.loads(Path(path).read_text())
+        d["config"] = TrainConfig(**d["config"])
+        return cls(**d)
+
+
+def _metrics_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlMetrics(TrainerCallback):
+        """Appends every log (TRL's loss, rewards/*, logps/*) to metrics.jsonl, flushed."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                row = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs}
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    return JsonlMetrics()
+
+
+def _load_model(spec: TrainSpec):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = spec.config
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if (cuda and _bf16(cfg)) else torch.float32}
+    if cfg.quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if _bf16(cfg) else torch.float32,
+        )
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(spec.base_model, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cuda)
+    return model, tokenizer
+
+
+def _bf16(cfg: TrainConfig) -> bool:
+    import torch
+
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def run(spec: TrainSpec) -> dict[str, Any]:
+    """Train, evaluate on the held-out slice, sample a few answers; returns the result dict."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    from trainer.data import trl_rows
+
+    cfg = spec.config
+    work = Path(spec.work_dir)
+    adapter_dir = work / "adapter"
+    metrics_path = work / "metrics.jsonl"
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _load_model(spec)
+
+    peft_config = None
+    if spec.init_adapter:
+        # Iterative IPO: continue the serving adapter; TRL adds a frozen "ref" copy of it.
+        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+    else:
+        peft_config = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+        )
+
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(work / "trl"),
+        loss_type=[cfg.loss],
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        # TRL's defaults are GPU-minded (bf16, checkpointing, lr 1e-6): set each explicitly.
+        bf16=_bf16(cfg),
+        use_cpu=not cuda,
+        gradient_checkpointing=cuda and cfg.quantize == "4bit",
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        lr_scheduler_type="constant",
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    train_ds = Dataset.from_list(trl_rows(spec.train))
+    eval_ds = Dataset.from_list(trl_rows(spec.heldout)) if spec.heldout else None
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[_metrics_callback(metrics_path)],
+    )
+    if cfg.fault == "nan":
+        _inject_nan(trainer.model)
+
+    before = _lora_state(trainer.model)
+    t0 = time.time()
+    out = trainer.train()
+    train_s = time.time() - t0
+    changed = _changed_fraction(before, _lora_state(trainer.model))
+
+    result: dict[str, Any] = {
+        "train_loss": out.training_loss,
+        "train_seconds": train_s,
+        "steps": out.global_step,
+        "train_pairs": len(spec.train),
+        "heldout_pairs": len(spec.heldout),
+        "lora_changed_fraction": changed,
+    }
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        result.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
+    result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
+    result["finite"] = all(math.isfinite(v) for v in (result["train_loss"],) if isinstance(v, float))
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if k != "samples"}}) + "\n")
+    (work / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def _lora_state(model) -> dict[str, Any]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".default." in n}
+
+
+def _changed_fraction(before: dict[str, Any], after: dict[str, Any]) -> float:
+    if not before:
+        return 0.0
+    changed = sum(1 for n, p in before.items() if not (p == after[n]).all())
+    return changed / len(before)
+
+
+def _inject_nan(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_A" in n and ".default." in n:
+                p.fill_(float("nan"))
+                return
+
+
+def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
+    """Greedy answers from the trained policy, for the degeneration gate."""
+    import torch
+
+    model.eval()
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = TrainSpec.load(Path(argv[0]))
+    run(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The round lifecycle: lock, snapshot at a watermark, train in a subprocess, gate, promote.
+
+Promotion writes ``adapters/round-NNNN`` atomically (temporary folder, fsync, rename) and a
+manifest ``rounds/round-NNNN.json``; the app's ``collector.serving.Serving`` then hot-swaps it
+into vLLM. Nothing here talks to vLLM, so a round can run from the CLI or the admin tab alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from storage.votes import VoteStore
+from trainer.data import build_pairs
+from trainer.ipo import TrainConfig, TrainSpec
+
+logger = logging.getLogger(__name__)
+
+
+class RoundError(Exception):
+    """A round could not start (another is running, too few pairs) or failed."""
+
+
+@dataclass
+class RoundConfig:
+    """How rounds are run and gated.
+
+    Fields:
+        init (str, default "previous"): "previous" continues the serving adapter (iterative IPO,
+            pairs since the last round); "fresh" trains a new adapter from the base on all pairs.
+        min_pairs (int, default 4): fewest training pairs worth a round.
+        heldout_fraction (float, default 0.1): share of prompts held out for evaluation.
+        min_heldout_accuracy (float, default 0.5): gate on eval rewards/accuracies (when any held out).
+        min_distinct_2 (float, default 0.5): gate on the distinct-bigram ratio of sample answers.
+        sample_prompts (int, default 3): sample answers generated for the degeneration gate.
+        timeout_s (float, default 3600): kill the training subprocess after this long.
+        train (TrainConfig): hyperparameters.
+    """
+
+    init: str = "previous"
+    min_pairs: int = 4
+    heldout_fraction: float = 0.1
+    min_heldout_accuracy: float = 0.5
+    min_distinct_2: float = 0.5
+    sample_prompts: int = 3
+    timeout_s: float = 3600.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SAMPLE_PROMPTS = [
+    "Give me three tips for staying focused while working from home.",
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+]
+
+
+def adapter_name(round_id: int) -> str:
+    return f"round-{round_id:04d}"
+
+
+def distinct_n(text: str, n: int = 2) -> float:
+    """Share of distinct word n-grams; repetition drives it towards 0."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def gate(result: dict[str, Any], cfg: RoundConfig) -> tuple[bool, str]:
+    """Decide whether a trained adapter may be promoted; returns (ok, reason)."""
+    for key in ("train_loss", "eval_loss"):
+        v = result.get(key)
+        if v is not None and not math.isfinite(v):
+            return False, f"{key} is {v}: training diverged"
+    if result.get("lora_changed_fraction", 0.0) == 0.0:
+        return False, "no LoRA weight changed"
+    acc = result.get("eval_rewards/accuracies")
+    if acc is not None and acc < cfg.min_heldout_accuracy:
+        return False, f"held-out accuracy {acc:.2f} is below the floor {cfg.min_heldout_accuracy:.2f}"
+    samples = result.get("samples") or []
+    if samples:
+        d2 = min(distinct_n(s) for s in samples)
+        result["min_distinct_2"] = d2
+        if d2 < cfg.min_distinct_2:
+            return False, f"sample answers repeat themselves (distinct-2 {d2:.2f} < {cfg.min_distinct_2:.2f})"
+    return True, "passed: finite loss" + (f", held-out accuracy {acc:.2f}" if acc is not None else "")
+
+
+def sha256_dir(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Rounds:
+    """Runs rounds over one data dir. ``on_progress`` receives each metrics row as it arrives."""
+
+    def __init__(self, store: VoteStore, data_dir: Path, base_model: str):
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.base_model = base_model
+        self.adapters = self.data_dir / "adapters"
+        self.manifests = self.data_dir / "rounds"
+        self.work = self.data_dir / "work"
+        for d in (self.adapters, self.manifests, self.work):
+            d.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.data_dir / "round.lock"))
+
+    # -- state ---------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Mark rounds whose trainer died as failed; remove temporary folders (at start)."""
+        with self.store._conn() as conn:
+            for row in conn.execute("SELECT id, pid FROM rounds WHERE status = 'running'").fetchall():
+                if not pid_alive(row["pid"]) or row["pid"] == os.getpid():
+                    conn.execute(
+                        "UPDATE rounds SET status = 'failed', reason = ?, finished_at = ? WHERE id = ?",
+                        ("the trainer process died before finishing", time.time(), row["id"]),
+                    )
+                    logger.warning("round %d marked failed: its trainer died", row["id"])
+        for tmp in self.adapters.glob("*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def promoted(self) -> list[dict[str, Any]]:
+        """Promoted rounds, oldest first."""
+        with self.store._conn() as conn:
+            rows = conn.execute("SELECT * FROM rounds WHERE status = 'promoted' ORDER BY id").fetchall()
+        return [dict(r) for r in rows]
+
+    def all_rounds(self) -> list[dict[str, Any]]:
+        with self.store._conn() as conn:
+            return [dict(r) for r in conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()]
+
+    def last_watermark(self) -> int:
+        with self.store._conn() as conn:
+            row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status = 'promoted'").fetchone()
+        return row[0] or 0
+
+    def manifest(self, round_id: int) -> dict[str, Any] | None:
+        p = self.manifests / f"{adapter_name(round_id)}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    # -- a round -------------------------------------------------------------------------
+
+    def run(
+        self,
+        cfg: RoundConfig,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        init_adapter: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one round to a verdict; returns the manifest. RoundError if one is running."""
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise RoundError("a round is already running; wait for it to finish (see `python -m trainer status`)") from None
+        try:
+            self.cleanup()
+            return self._run_locked(cfg, on_progress, init_adapter)
+        finally:
+            self.lock.release()
+
+    def _run_locked(self, cfg, on_progress, init_adapter) -> dict[str, Any]:
+        watermark = self.store.max_vote_id()
+        after = 0 if cfg.init == "fresh" else self.last_watermark()
+        init = None if cfg.init == "fresh" else init_adapter
+        train, heldout = build_pairs(self.store.votes_with_pairs(after, watermark), cfg.heldout_fraction)
+        if len(train) < cfg.min_pairs:
+            raise RoundError(
+                f"{len(train)} training pairs since vote {after}; a round needs at least {cfg.min_pairs}. "
+                "Collect more votes (ties and left/right count; both-bad does not)."
+            )
+        with self.store._conn() as conn:
+            cur = conn.execute(
+                "INSERT INTO rounds(status, watermark, pid, started_at) VALUES ('running', ?, ?, ?)",
+                (watermark, os.getpid(), time.time()),
+            )
+            round_id = cur.lastrowid
+        name = adapter_name(round_id)
+        logger.info("round %d started: %d train / %d held-out pairs, votes %d..%d, init=%s",
+                    round_id, len(train), len(heldout), after + 1, watermark, init or "base")
+        work = self.work / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        tcfg = TrainConfig(**{**asdict(cfg.train), "sample_prompts": SAMPLE_PROMPTS[: cfg.sample_prompts]})
+        spec = TrainSpec(self.base_model, str(work), train, heldout, init, tcfg)
+        spec.save(work / "spec.json")
+        manifest: dict[str, Any] = {
+            "round": round_id, "adapter": name, "watermark": watermark, "after": after,
+            "init": init, "base_model": self.base_model, "config": asdict(cfg),
+            "train_pairs": len(train), "heldout_pairs": len(heldout), "started_at": time.time(),
+        }
+        try:
+            result = self._train_subprocess(work, cfg.timeout_s, on_progress)
+            ok, reason = gate(result, cfg)
+            manifest["metrics"] = result
+            if ok:
+                manifest["sha256"] = self._promote(work / "adapter", self.adapters / name)
+                status = "promoted"
+            else:
+                status = "rejected"
+        except RoundError as e:
+            status, reason = "failed", str(e)
+        except BaseException as e:
+            status, reason = "failed", f"{type(e).__name__}: {e}"
+            self._finish(round_id, status, reason, None, manifest)
+            raise
+        self._finish(round_id, status, reason, name if status == "promoted" else None, manifest)
+        if status == "promoted":
+            shutil.rmtree(work, ignore_errors=True)  # failed rounds keep their logs for the admin
+        return manifest
+
+    def _finish(self, round_id, status, reason, adapter, manifest) -> None:
+        manifest.update({"status": status, "reason": reason, "finished_at": time.time()})
+        path = self.manifests / f"{adapter_name(round_id)}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, path)
+        with self.store._conn() as conn:
+            conn.execute(
+                "UPDATE rounds SET status = ?, reason = ?, adapter = ?, finished_at = ? WHERE id = ?",
+                (status, reason, adapter, time.time(), round_id),
+            )
+        logger.info("round %d %s: %s", round_id, status, reason)
+
+    def _train_subprocess(self, work: Path, timeout_s: float, on_progress) -> dict[str, Any]:
+        log = open(work / "train.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.ipo", str(work / "spec.json")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+        )
+        log.close()
+        with self.store._conn() as conn:
+            conn.execute("UPDATE rounds SET pid = ? WHERE status = 'running' AND pid = ?", (proc.pid, os.getpid()))
+        metrics = work / "metrics.jsonl"
+        seen = 0
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                code = proc.poll()
+                seen = self._relay(metrics, seen, on_progress)
+                if code is not None:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RoundError(f"training took longer than {timeout_s:.0f} s and was stopped")
+                time.sleep(0.5)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        result_path = work / "result.json"
+        if code != 0 or not result_path.exists():
+            tail = (work / "train.log").read_text(errors="replace").splitlines()[-15:]
+            what = "was killed (out of memory?)" if code and code < 0 else f"exited with code {code}"
+            raise RoundError(f"the training subprocess {what}; last log lines:\n" + "\n".join(tail))
+        return json.loads(result_path.read_text())
+
+    @staticmethod
+    def _relay(metrics: Path, seen: int, on_progress) -> int:
+        if not metrics.exists():
+            return seen
+        lines = metrics.read_text().splitlines()
+        for line in lines[seen:]:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return seen  # a line being written; read it next time
+            if on_progress:
+                on_progress(row)
+            seen += 1
+        return seen
+
+    def _promote(self, src: Path, dst: Path) -> str:
+        """Copy the adapter to ``dst`` atomically: temporary folder, fsync, rename."""
+        if dst.exists():
+            raise RoundError(f"{dst} already exists; promoted adapters are immutable")
+        tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        fsync_tree(tmp)
+        digest = sha256_dir(tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+        return digest

@@ -1,0 +1,95 @@
+"""The Admin tab: loop health, rounds, and the buttons that steer them. Every event re-checks
+the admin role on the server; the tab being hidden is only a convenience."""
+
+import time
+from collections.abc import Callable
+
+import gradio as gr
+
+from collector.serving import Serving
+from storage.votes import VoteStore
+from trainer.rounds import RoundError, Rounds
+from trainer.schedule import Scheduler
+
+Identity = Callable[[gr.Request], str | None]
+
+ROUND_COLUMNS = ["round", "status", "adapter", "watermark", "reason", "started", "minutes"]
+
+
+def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, scheduler: Scheduler,
+          serving: Serving, who: Identity, admins: set[str]) -> None:
+    def require_admin(request: gr.Request) -> str:
+        user = who(request)
+        if not user or user not in admins:
+            raise gr.Error("admins only", title="Forbidden")
+        return user
+
+    summary = gr.Markdown(elem_id="admin-summary")
+    with gr.Row():
+        run_btn = gr.Button("Run a round now", elem_id="run-round", variant="primary")
+        rollback_btn = gr.Button("Roll back the serving adapter", elem_id="rollback")
+        pause_btn = gr.Button("Pause / resume the schedule", elem_id="pause")
+    progress = gr.Markdown(elem_id="round-progress")
+    table = gr.Dataframe(headers=ROUND_COLUMNS, interactive=False, elem_id="rounds-table", wrap=True)
+    timer = gr.Timer(2.0, active=False)
+
+    def refresh(request: gr.Request):
+        require_admin(request)
+        last = rounds.last_watermark()
+        lines = [
+            f"**Votes:** {store.count_votes()} in total, {store.count_votes(last)} since the last round",
+            f"**Serving:** `{serving.current}` · **Next round:** {scheduler.next_trigger()}",
+        ]
+        job = scheduler.job
+        prog = ""
+        if job is not None:
+            steps = [r for r in job.progress if "loss" in r]
+            if steps:
+                r = steps[-1]
+                prog = (f"Round ({job.reason}): step {r['step']}/{r['max_steps']}, loss {r['loss']:.3f}, "
+                        f"rewards/accuracies {r.get('rewards/accuracies', 0):.2f}")
+            else:
+                prog = f"Round ({job.reason}): preparing..."
+            if job.done:
+                m = job.manifest or {}
+                prog = f"Last round: **{m.get('status', 'failed')}** — {m.get('reason') or job.error}"
+        rows = [
+            [r["id"], r["status"], r["adapter"] or "", r["watermark"], r["reason"] or "",
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])),
+             round(((r["finished_at"] or time.time()) - r["started_at"]) / 60, 1)]
+            for r in reversed(rounds.all_rounds())
+        ]
+        return "\n\n".join(lines), prog, rows, gr.Timer(active=scheduler.running)
+
+    outputs = [summary, progress, table, timer]
+
+    def run_now(request: gr.Request):
+        user = require_admin(request)
+        try:
+            scheduler.trigger(f"started by {user}")
+        except RoundError as e:
+            raise gr.Error(str(e)) from None
+        return refresh(request)
+
+    def rollback(request: gr.Request):
+        require_admin(request)
+        name = serving.rollback()
+        gr.Info(f"now serving {name}")
+        return refresh(request)
+
+    def pause(request: gr.Request):
+        require_admin(request)
+        scheduler.paused = not scheduler.paused
+        return refresh(request)
+
+    run_btn.click(run_now, None, outputs, api_visibility="private")
+    rollback_btn.click(rollback, None, outputs, api_visibility="private")
+    pause_btn.click(pause, None, outputs, api_visibility="private")
+    timer.tick(refresh, None, outputs, api_visibility="private")
+    tab.select(refresh, None, outputs, api_visibility="private")
+
+    def show_tab(request: gr.Request):
+        user = who(request)
+        return gr.Tab(visible=bool(user and user in admins))
+
+    demo.load(show_tab, None, tab, api_visibility="private")
