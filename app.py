@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log-level", default="INFO", help="logging level")
     args = p.parse_args(argv)
     if args.lora_r > args.max_lora_rank:
-        p.error(f"--lora-r {args.lora_r} exceeds --max-lora-rank {args.max_lora_rank}: vLLM would refuse the adapters")
+        p.error(f"--lora-r {args.lora_r} exceeds --max-lora-rank {args.max_lora_rank}: "
+                "vLLM would refuse the adapters")
     return args
 
 
@@ -83,7 +84,9 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise OSError(f"port {port} on {host} is in use or not allowed ({e.strerror}); pass --port with a free port") from None
+            raise OSError(
+                f"port {port} on {host} is in use or not allowed ({e.strerror}); pass --port with a free port"
+            ) from None
 
 
 def setup_logging(level: str, data_dir: Path) -> None:

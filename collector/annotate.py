@@ -42,7 +42,9 @@ class RateLimiter:
                 q.popleft()
             if len(q) >= self.limit:
                 wait = self.window_s - (now - q[0])
-                raise RateLimited(f"too many requests: at most {self.limit} per {self.window_s:.0f} s; try again in {wait:.0f} s")
+                raise RateLimited(
+                    f"too many requests: at most {self.limit} per {self.window_s:.0f} s; try again in {wait:.0f} s"
+                )
             q.append(now)
 
 
@@ -99,9 +101,7 @@ class Annotation:
         yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}
 
     def next_pair(self, annotator: str, prompt: str | None = None) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        for last in self.stream_pair(annotator, prompt):
-            pass
+        *_, last = self.stream_pair(annotator, prompt)
         last.pop("done", None)
         return last
 

@@ -211,8 +211,20 @@ class Engine:
         engine = cls([Endpoint(u.rstrip("/"), api_key) for u in urls])
         for ep in engine.endpoints:
             engine._check(ep)
-        if not any(ep.healthy for ep in engine.endpoints):
+        healthy = [ep for ep in engine.endpoints if ep.healthy]
+        if not healthy:
             raise EngineError(f"none of the vLLM endpoints answer: {', '.join(urls)}; is the server running?")
+        for ep in healthy:
+            try:
+                names = engine.models(ep)
+            except httpx.HTTPStatusError as e:
+                raise EngineError(f"vLLM at {ep.url} refused /v1/models ({e.response.status_code}); "
+                                  "check --vllm-api-key") from e
+            if BASE not in names:
+                raise EngineError(
+                    f"vLLM at {ep.url} serves {names}, not {BASE!r}: start it with --served-model-name {BASE} "
+                    "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+                )
         return engine
 
     def close(self) -> None:

@@ -66,7 +66,9 @@ def preflight(adapter_dir: Path, base_model: str, max_rank: int) -> dict[str, An
         targets = cfg.get("target_modules") or []
         if isinstance(targets, str):
             if modules and not any(re.fullmatch(targets, m) or re.search(targets, m) for m in modules):
-                raise AdapterRejected(f"{adapter_dir}: target_modules pattern {targets!r} matches no module of the base model")
+                raise AdapterRejected(
+                    f"{adapter_dir}: target_modules pattern {targets!r} matches no module of the base model"
+                )
         else:
             unknown = sorted(set(targets) - modules)
             if modules and unknown:

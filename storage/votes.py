@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from storage.errors import VoteRejected
 logger = logging.getLogger(__name__)
 
 
-class Choice(str, Enum):
+class Choice(StrEnum):
     """What an annotator said about a pair."""
 
     LEFT = "left"

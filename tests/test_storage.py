@@ -1,0 +1,69 @@
+"""The vote log: migrations, idempotent votes, clear refusals.
+
+    .venv/bin/python -m pytest tests/test_storage.py
+"""
+
+import sqlite3
+
+import pytest
+
+from storage.db import MIGRATIONS, connect
+from storage.errors import VoteRejected
+from storage.votes import Choice, VoteStore
+
+
+def _pair(store: VoteStore, annotator: str = "alice") -> str:
+    pid = store.prompt_id("What is 2 + 2?")
+    return store.issue_pair(
+        annotator=annotator, prompt_id=pid, messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        answer_left="4", answer_right="Four.", model_left="base", model_right="base", seed=7,
+        params={"temperature": 0.9}, timings={"ttft_s": [0.1, 0.1]},
+    )
+
+
+def test_database_is_wal_with_full_sync_and_migrated(tmp_path):
+    VoteStore(tmp_path / "votes.db")
+    conn = connect(tmp_path / "votes.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"prompts", "pairs", "votes", "rounds", "settings"} <= tables
+
+
+def test_reopening_runs_no_migration_twice(tmp_path):
+    VoteStore(tmp_path / "votes.db")
+    store = VoteStore(tmp_path / "votes.db")  # would fail on CREATE TABLE if re-run
+    assert store.count_votes() == 0
+
+
+def test_record_vote_is_idempotent_on_the_pair_token(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    pid = _pair(store)
+    first = store.record_vote(pid, "alice", Choice.LEFT)
+    again = store.record_vote(pid, "alice", "left")
+    assert first == again
+    assert store.count_votes() == 1
+
+
+def test_vote_refusals_name_the_reason(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    pid = _pair(store)
+    with pytest.raises(VoteRejected, match="unknown pair"):
+        store.record_vote("no-such-token", "alice", "left")
+    with pytest.raises(VoteRejected, match="another annotator"):
+        store.record_vote(pid, "bob", "left")
+    with pytest.raises(VoteRejected, match="invalid choice 'maybe'"):
+        store.record_vote(pid, "alice", "maybe")
+    store.record_vote(pid, "alice", "tie")
+    with pytest.raises(VoteRejected, match="one pair takes one vote"):
+        store.record_vote(pid, "alice", "right")
+    assert store.count_votes() == 1
+
+
+def test_schema_refuses_an_invalid_choice_even_without_the_api(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    pid = _pair(store)
+    conn = connect(tmp_path / "votes.db")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO votes(pair_id, annotator, choice, created_at) VALUES (?, 'alice', 'meh', 0)", (pid,))
