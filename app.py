@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated admin names. Default: the first user of the users file")
     g.add_argument("--prompts", type=Path, default=None, help="prompts file (one per line, or .jsonl with 'prompt')")
     g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
+    g.add_argument("--arena-rate", type=float, default=0.25,
+                   help="share of pairs that put the serving adapter against an earlier version or the base")
     g = p.add_argument_group("rounds")
     g.add_argument("--round-every-votes", type=int, default=32,
                    help="start a round when this many new usable votes arrived (0: off)")
@@ -150,6 +152,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
         rounds = Rounds(store, data_dir, model)
         rounds.cleanup()
         serving.restore()
+        engine.start_watchdog()
         round_cfg = RoundConfig(train=TrainConfig(
             beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r))
         scheduler = Scheduler(
@@ -160,7 +163,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
         )
         svc = Annotation(store, queue, serving, AnnotateConfig(
             sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
-            pairs_per_minute=args.pairs_per_minute))
+            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate))
 
         def who(request: gr.Request) -> str | None:
             return getattr(request, "username", None) if request is not None else None

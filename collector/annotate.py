@@ -4,6 +4,7 @@ for identity, rate limits, prompt checks, sampling and recording."""
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -56,11 +57,14 @@ class AnnotateConfig:
         sampling (SamplingParams): how answers are sampled.
         pairs_per_minute (int, default 30): per-annotator limit on new pairs (0: none).
         max_prompt_chars (int, default 4000): longest prompt an annotator may type.
+        arena_rate (float, default 0.25): share of pairs that put the serving adapter against an
+            earlier version or the base (sides shuffled), for the human win rate per version.
     """
 
     sampling: SamplingParams = SamplingParams()
     pairs_per_minute: int = 30
     max_prompt_chars: int = 4000
+    arena_rate: float = 0.25
 
 
 class Annotation:
@@ -70,6 +74,18 @@ class Annotation:
         self.serving = serving
         self.config = config
         self.limiter = RateLimiter(config.pairs_per_minute)
+        self.rng = random.Random()
+
+    def arena_models(self) -> tuple[str, str] | None:
+        """Serving vs an earlier version (or the base), sides shuffled; None for a same-policy pair."""
+        if self.rng.random() >= self.config.arena_rate:
+            return None
+        opponent = self.serving.arena_opponent(self.rng)
+        if opponent is None:
+            return None
+        sides = [self.serving.current, opponent]
+        self.rng.shuffle(sides)
+        return sides[0], sides[1]
 
     def stream_pair(self, annotator: str, prompt: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield ``{"prompt", "left", "right", "done": False}`` while streaming, then the stored pair
@@ -86,7 +102,7 @@ class Annotation:
                 raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
             prompt_id, text = picked
         messages = [{"role": "user", "content": text}]
-        stream = PairStream(self.serving.engine, messages, self.config.sampling)
+        stream = PairStream(self.serving.engine, messages, self.config.sampling, models=self.arena_models())
         for left, right in stream:
             yield {"prompt": text, "left": left, "right": right, "done": False}
         pair = stream.pair

@@ -145,6 +145,12 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def restart(self) -> None:
+        """Start again on the same port and key (after a crash), and wait until healthy."""
+        self.stop(grace=5.0)
+        self.start()
+        self.wait_ready()
+
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the whole process group, then SIGKILL what is left after ``grace`` seconds."""
         if self.proc is None:
@@ -193,6 +199,8 @@ class Engine:
         self.serving = BASE
         self.loaded: dict[str, str] = {}  # adapter name -> path
         self._inflight: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     @classmethod
     def launch(cls, config: EngineConfig) -> Engine:
@@ -228,8 +236,50 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        self._stop.set()
         if self.server is not None:
             self.server.stop()
+
+    # -- health: restart a dead managed server, resync recovered endpoints ------------------
+
+    def start_watchdog(self, every_s: float = 5.0) -> None:
+        self._watchdog = threading.Thread(target=self._watch, args=(every_s,), name="vllm-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.heal()
+            except Exception:
+                logger.exception("vLLM health check failed")
+
+    def heal(self) -> None:
+        """One health pass: restart the managed server if it died; reload adapters into any
+        endpoint that came back (a restarted server has none)."""
+        if self.server is not None and not self.server.alive() and not self._stop.is_set():
+            logger.error("vLLM died (exit %s); restarting it", self.server.proc and self.server.proc.returncode)
+            self.endpoints[0].healthy = False
+            self.server.restart()
+        for ep in self.endpoints:
+            was = ep.healthy
+            if self._check(ep) and (not was or not self._has_adapters(ep)):
+                self._resync(ep)
+
+    def _has_adapters(self, ep: Endpoint) -> bool:
+        if not self.loaded:
+            return True
+        try:
+            return set(self.loaded) <= set(self.models(ep))
+        except httpx.HTTPError:
+            return False
+
+    def _resync(self, ep: Endpoint) -> None:
+        for name, path in list(self.loaded.items()):
+            r = httpx.post(f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
+                           json={"lora_name": name, "lora_path": path})
+            if r.status_code not in (200, 400):
+                logger.error("could not reload %s into %s: %s", name, ep.url, _error_text(r))
+        logger.info("endpoint %s back; adapters reloaded: %s", ep.url, sorted(self.loaded))
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -306,41 +356,58 @@ class Engine:
     # -- generation ----------------------------------------------------------------------
 
     def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """POST a streaming chat completion; yields the parsed SSE chunks."""
-        ep = self.pick()
+        """POST a streaming chat completion; yields the parsed SSE chunks. An endpoint that
+        cannot be reached is marked down and the request goes to the next one."""
         body = {**body, "stream": True}
         self._track(body["model"], +1)
         try:
-            with httpx.stream(
-                "POST", f"{ep.url}/v1/chat/completions", headers=ep.headers, json=body,
-                timeout=httpx.Timeout(600.0, connect=5.0),
-            ) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: "):]
-                    if data.strip() == "[DONE]":
-                        return
-                    yield json.loads(data)
-        except httpx.ConnectError as e:
-            ep.healthy = False
-            raise EngineError(f"vLLM at {ep.url} is unreachable: {e}") from e
+            for _ in range(len(self.endpoints)):
+                ep = self.pick()
+                try:
+                    yield from self._stream_from(ep, body)
+                    return
+                except httpx.ConnectError as e:
+                    ep.healthy = False
+                    logger.warning("vLLM at %s unreachable (%s); trying another endpoint", ep.url, e)
+                except httpx.HTTPError as e:  # broke mid-stream: the answer is lost, say so
+                    ep.healthy = False
+                    raise EngineError(f"the stream from vLLM at {ep.url} broke: {e}; ask for a new pair") from e
+            raise EngineError("no vLLM endpoint could be reached; see the vLLM log")
         finally:
             self._track(body["model"], -1)
 
+    def _stream_from(self, ep: Endpoint, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with httpx.stream(
+            "POST", f"{ep.url}/v1/chat/completions", headers=ep.headers, json=body,
+            timeout=httpx.Timeout(600.0, connect=5.0),
+        ) as r:
+            if r.status_code != 200:
+                r.read()
+                raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data.strip() == "[DONE]":
+                    return
+                yield json.loads(data)
+
     def chat(self, messages: list[dict[str, str]], model: str | None = None, **params: Any) -> list[str]:
         """A non-streaming chat completion; returns the text of each choice."""
-        ep = self.pick()
-        r = httpx.post(
-            f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
-            json={"model": model or self.serving, "messages": messages, **params},
-        )
-        if r.status_code != 200:
-            raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
-        return [c["message"]["content"] for c in r.json()["choices"]]
+        for _ in range(len(self.endpoints)):
+            ep = self.pick()
+            try:
+                r = httpx.post(
+                    f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
+                    json={"model": model or self.serving, "messages": messages, **params},
+                )
+            except httpx.ConnectError:
+                ep.healthy = False
+                continue
+            if r.status_code != 200:
+                raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
+            return [c["message"]["content"] for c in r.json()["choices"]]
+        raise EngineError("no vLLM endpoint could be reached; see the vLLM log")
 
 
 def _error_text(r: httpx.Response) -> str:

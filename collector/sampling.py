@@ -8,7 +8,9 @@ for the UI and then holds the finished ``Pair`` with its provenance.
 from __future__ import annotations
 
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -66,16 +68,24 @@ class Pair:
 
 @dataclass
 class PairStream:
-    """Iterate for ``(left, right)`` partial texts; afterwards ``pair`` holds the result."""
+    """Iterate for ``(left, right)`` partial texts; afterwards ``pair`` holds the result.
+
+    With ``models`` unset: a same-policy pair, one request with n=2. With ``models=(a, b)``: an
+    arena pair, two concurrent n=1 requests (the caller shuffles the sides).
+    """
 
     engine: Engine
     messages: list[dict[str, str]]
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     model: str | None = None
+    models: tuple[str, str] | None = None
     pair: Pair | None = None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
+        if self.models is not None:
+            yield from self._arena()
+            return
         model = self.model or self.engine.serving
         seed = self.seed if self.seed is not None else random.randrange(2**31)
         for attempt in range(self.params.max_resamples + 1):
@@ -111,6 +121,46 @@ class PairStream:
         )
         logger.info("pair sampled model=%s seed=%d total=%.1fs/%.1fs", model, seed, *self.pair.total_s)
 
+    def _arena(self) -> Iterator[tuple[str, str]]:
+        assert self.models is not None
+        seed = self.seed if self.seed is not None else random.randrange(2**31)
+        events: queue.Queue = queue.Queue()
+        t0 = time.perf_counter()
+
+        def side(i: int, model: str) -> None:
+            body = {"model": model, "messages": self.messages, "n": 1, "seed": seed + i, **self.params.request()}
+            try:
+                for chunk in self.engine.stream_chat(body):
+                    for choice in chunk.get("choices", []):
+                        events.put((i, (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")))
+            except Exception as e:  # handed to the consumer, raised there
+                events.put((i, e, None))
+            events.put((i, None, None))
+
+        for i, m in enumerate(self.models):
+            threading.Thread(target=side, args=(i, m), daemon=True, name=f"arena-{i}").start()
+        texts, ttft, total, finish, open_sides = ["", ""], [0.0, 0.0], [0.0, 0.0], ["", ""], 2
+        while open_sides:
+            i, delta, reason = events.get()
+            if isinstance(delta, Exception):
+                raise delta
+            now = time.perf_counter() - t0
+            if delta is None:
+                open_sides -= 1
+                continue
+            if delta and not texts[i]:
+                ttft[i] = now
+            texts[i] += delta
+            if reason:
+                finish[i], total[i] = reason, now
+            yield texts[0], texts[1]
+        self.pair = Pair(
+            messages=self.messages, answers=(texts[0], texts[1]), models=self.models, seed=seed,
+            params={**self.params.request(), "n": 1}, ttft_s=(ttft[0], ttft[1]), total_s=(total[0], total[1]),
+            finish_reasons=(finish[0], finish[1]), arena=True,
+        )
+        logger.info("arena pair sampled %s vs %s seed=%d", *self.models, seed)
+
 
 def sample_pair(
     engine: Engine,
@@ -118,9 +168,10 @@ def sample_pair(
     params: SamplingParams | None = None,
     seed: int | None = None,
     model: str | None = None,
+    models: tuple[str, str] | None = None,
 ) -> Pair:
     """Sample a pair to completion (no UI streaming)."""
-    stream = PairStream(engine, messages, params or SamplingParams(), seed, model)
+    stream = PairStream(engine, messages, params or SamplingParams(), seed, model, models)
     for _ in stream:
         pass
     assert stream.pair is not None

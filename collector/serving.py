@@ -169,6 +169,20 @@ class Serving:
         self._retire(previous)
         return time.perf_counter() - t0
 
+    def arena_opponent(self, rng) -> str | None:
+        """An earlier served version or the base, loaded; None while the base serves."""
+        if self.current == BASE:
+            return None
+        choices = [BASE] + [h for h in self.history() if h != self.current]
+        pick = rng.choice(choices)
+        try:
+            with self._lock:
+                self._load(pick)
+        except (AdapterRejected, EngineError) as e:
+            logger.warning("arena opponent %s unavailable (%s); using the base", pick, e)
+            return BASE
+        return pick
+
     def rollback(self) -> str:
         """Serve the version before the current one (or the base); returns the name now serving."""
         with self._lock:

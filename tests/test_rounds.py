@@ -126,8 +126,9 @@ def test_a_second_round_while_one_runs_is_refused(trained):
     _, rounds, _, _ = trained
     # Another process holds the round lock (FileLock is re-entrant inside one process).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-         f"lock = FileLock({str(rounds.lock.lock_file)!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"],
+        [sys.executable, "-c", "import time; from filelock import FileLock; "
+         f"lock = FileLock({str(rounds.lock.lock_file)!r}); lock.acquire(); print('held', flush=True); "
+         "time.sleep(120)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
