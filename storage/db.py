@@ -74,7 +74,25 @@ def m0001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial]
+def m0002_seed_pairs(conn: sqlite3.Connection) -> None:
+    # Preference pairs imported from an existing dataset (warm start); kept apart from votes.
+    _run(
+        conn,
+        """
+        CREATE TABLE seed_pairs (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            prompt TEXT NOT NULL,             -- JSON list of messages
+            chosen TEXT NOT NULL,             -- JSON list with one assistant message
+            rejected TEXT NOT NULL,
+            imported_at REAL NOT NULL,
+            UNIQUE (source, prompt, chosen, rejected)
+        )
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial, m0002_seed_pairs]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

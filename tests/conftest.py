@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download from the Hub
+# Every model and dataset in the tests is a local folder; the Hub is never reached (the push tests
+# talk to tests/hubstub.py through HF's client, which is why HF_HUB_OFFLINE is not set globally).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -118,3 +119,27 @@ def app(engine, smollm2_dir, tmp_path_factory) -> Iterator[RunningApp]:
                          ["--round-every-votes", "0"])
     yield running
     running.stop()
+
+
+def make_adapter(base_dir: Path, out: Path, r: int = 8, targets: list[str] | None = None, seed: int = 0,
+                 nan: bool = False) -> Path:
+    """A real peft LoRA adapter on ``base_dir`` with random, nonzero weights (so it changes
+    greedy output), written like a trained one; ``nan`` poisons one tensor."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or ["q_proj", "v_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)  # strong enough to move greedy decoding
+                if nan:
+                    p.fill_(float("nan"))
+                    nan = False
+    model.save_pretrained(out)
+    return out

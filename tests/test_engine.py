@@ -3,11 +3,15 @@
     .venv/bin/python -m pytest tests/test_engine.py
 """
 
+import os
+import signal
+
 import pytest
 
 from collector.engine import BASE, Engine, EngineConfig
 from collector.errors import EngineError
 from collector.sampling import SamplingParams, sample_pair
+from tests.conftest import make_adapter
 
 MESSAGES = [{"role": "user", "content": "Give me one tip for learning to cook."}]
 SHORT = SamplingParams(max_tokens=48)
@@ -33,15 +37,25 @@ def test_pair_records_provenance(engine):
     assert set(pair.finish_reasons) <= {"stop", "length"}
 
 
-def test_tiny_mistral_is_served_by_vllm_cpu_with_two_answers(tiny_mistral_dir, tmp_path):
+def test_tiny_mistral_is_served_and_a_killed_server_comes_back_with_its_adapter(tiny_mistral_dir, tmp_path):
     eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=tmp_path / "vllm.log"))
     try:
         pair = sample_pair(eng, MESSAGES, SamplingParams(max_tokens=16), seed=3)
+        assert pair.answers[0] and pair.answers[1]
+        assert pair.answers[0] != pair.answers[1]
+        assert "MistralForCausalLM" in (tmp_path / "vllm.log").read_text()
+
+        eng.load_adapter("round-0001", make_adapter(tiny_mistral_dir, tmp_path / "round-0001"))
+        eng.set_serving("round-0001")
+        os.killpg(eng.server.proc.pid, signal.SIGKILL)
+        eng.server.proc.wait()
+        eng.heal()  # what the app's watchdog runs every few seconds
+        assert eng.server.alive()
+        assert "round-0001" in eng.models()
+        again = sample_pair(eng, MESSAGES, SamplingParams(max_tokens=16), seed=3)
+        assert again.models == ("round-0001", "round-0001") and again.answers[0]
     finally:
         eng.close()
-    assert pair.answers[0] and pair.answers[1]
-    assert pair.answers[0] != pair.answers[1]
-    assert "MistralForCausalLM" in (tmp_path / "vllm.log").read_text()
 
 
 def test_vllm_failing_to_start_reports_its_log_tail(tmp_path):

@@ -1,0 +1,179 @@
+"""Votes as a Hub dataset: export folder, TRL-ready config, pushes through huggingface_hub to a
+local stand-in for the Hub (the real Hub cannot be reached here), imports.
+
+    .venv/bin/python -m pytest tests/test_export_hub.py
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from storage.errors import StorageError
+from storage.hub import HubSync
+from storage.importer import import_pairs, normalise, seed_pairs
+from storage.votes import VoteStore
+from tests.conftest import ROOT
+from tests.hubstub import HubStub
+
+REPO = "user/prefloop-votes"
+
+
+def _votes(store: VoteStore, choices: list[str], start: int = 0) -> None:
+    for i, choice in enumerate(choices, start):
+        text = f"Question {i}?"
+        pid = store.issue_pair(
+            annotator="alice" if i % 2 else "bob", prompt_id=store.prompt_id(text),
+            messages=[{"role": "user", "content": text}], answer_left=f"Short answer {i}.",
+            answer_right=f"A much longer answer number {i}, with detail.", model_left="base",
+            model_right="round-0001", seed=i, params={"temperature": 0.9}, timings={})
+        store.record_vote(pid, "alice" if i % 2 else "bob", choice)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = VoteStore(tmp_path / "votes.db")
+    _votes(s, ["left", "right", "tie", "both_bad", "left", "right", "left", "left"])
+    return s
+
+
+def test_export_folder_loads_with_both_configs(store, tmp_path):
+    from datasets import load_dataset
+
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "storage", "export", "--data-dir", str(tmp_path), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "8 votes, 6 preference pairs" in r.stdout
+    votes = load_dataset(str(out), "votes", split="train")
+    prefs = load_dataset(str(out), "preferences", split="train")
+    assert len(votes) == 8 and len(prefs) == 6  # ties and both-bad stay in votes only
+    assert sorted(set(votes["choice"])) == ["both_bad", "left", "right", "tie"]
+    assert "alice" not in votes["annotator"] and len(votes[0]["annotator"]) == 16  # salted hash
+    row = prefs[1]  # vote 2 chose right
+    assert row["chosen"] == [{"role": "assistant", "content": "A much longer answer number 1, with detail."}]
+    assert row["chosen_model"] == "round-0001" and row["prompt"][0]["role"] == "user"
+    card = (out / "README.md").read_text()
+    assert "config_name: preferences" in card and "config_name: votes" in card and "8 votes" in card
+    again = subprocess.run([sys.executable, "-m", "storage", "export", "--data-dir", str(tmp_path), "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites a segment
+
+
+def test_stock_dpo_trainer_trains_a_step_on_the_preferences_config(store, tmp_path, smollm2_dir):
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from storage.export import export_all
+
+    export_all(store, tmp_path / "export", salt="s")
+    ds = load_dataset(str(tmp_path / "export"), "preferences", split="train")
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype="float32"),
+        args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
+                       use_cpu=True, bf16=False, report_to="none", max_length=64, logging_steps=1,
+                       gradient_checkpointing=False, save_strategy="no"),
+        train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(smollm2_dir),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
+    out = trainer.train()
+    assert out.global_step == 1
+    assert out.training_loss == pytest.approx(0.6931, abs=1e-3)  # DPO's log(2) at policy == reference
+
+
+@pytest.fixture
+def hub():
+    stub = HubStub()
+    yield stub
+    stub.close()
+
+
+def _sync(store, tmp_path, hub, **kw) -> HubSync:
+    from huggingface_hub import HfApi
+
+    return HubSync(store, tmp_path / "hub", REPO, HfApi(endpoint=hub.url, token="hf_stand_in"),
+                   backoff_s=0.01, **kw)
+
+
+def test_push_uploads_new_segments_once_to_a_private_repo(store, tmp_path, hub):
+    sync = _sync(store, tmp_path, hub)
+    assert sync.push() == 3  # votes + preferences segments + the card
+    files = hub.files(REPO)
+    assert sorted(p.split("/")[0] for p in files) == ["README.md", "preferences", "votes"]
+    assert hub.private[REPO] is True
+    assert hub.validated >= 1  # the dataset card's YAML passed the Hub's validation call
+    assert sync.push() == 0  # nothing new: no commit
+    _votes(store, ["right", "tie"], start=100)
+    assert sync.push() == 2
+    assert len(hub.files(REPO)) == 5 and len(hub.commits) == 2
+    assert hub.overwrites == [] and hub.deletes == []
+    assert sync.refresh_status().pending_rows == 0 and sync.status.last_error is None
+
+
+def test_a_push_failing_mid_way_is_retried_without_duplicates(store, tmp_path, hub):
+    sync = _sync(store, tmp_path, hub, retries=1)
+    hub.fail_before = 1
+    assert sync.push() == 0
+    assert "injected failure" in sync.status.last_error and sync.refresh_status().pending_files == 2
+    assert hub.files(REPO) == {}
+    hub.fail_after = 1  # the commit lands but its answer is lost
+    assert sync.push() == 0 and sync.status.last_error
+    landed = dict(hub.files(REPO))
+    assert len(landed) == 3
+    assert sync.push() == 0  # the retry finds the files there and uploads nothing
+    assert sync.status.last_error is None and sync.refresh_status().pending_files == 0
+    assert hub.files(REPO) == landed and hub.overwrites == []
+
+
+def test_a_restart_with_an_empty_staging_dir_overwrites_nothing(store, tmp_path, hub):
+    import shutil
+
+    _sync(store, tmp_path, hub).push()
+    before = dict(hub.files(REPO))
+    shutil.rmtree(tmp_path / "hub")  # e.g. a Space rebuilt without its staging folder
+    _votes(store, ["left"], start=200)
+    restarted = _sync(store, tmp_path, hub)  # a new boot id
+    assert restarted.push() == 2
+    after = hub.files(REPO)
+    assert {k: after[k] for k in before} == before and hub.overwrites == []
+    assert len(after) == len(before) + 2
+
+
+def test_without_a_repo_or_token_votes_stay_local(store, tmp_path):
+    sync = HubSync(store, tmp_path / "hub", None, None)
+    assert sync.push() == 0
+    assert "locally only" in sync.status.line()
+    assert sync.refresh_status().pending_files == 2  # staged, ready for when a token is given
+
+
+def test_import_accepts_string_and_conversational_pairs(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    standard = tmp_path / "standard.jsonl"
+    standard.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "Four.", "rejected": "Five."}))
+    conversational = tmp_path / "conversational.jsonl"
+    conversational.write_text(json.dumps({
+        "prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}]}))
+    for path in (standard, conversational):
+        r = subprocess.run([sys.executable, "-m", "storage", "import", str(path), "--data-dir", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "imported 1 new seed pairs" in r.stdout
+    assert import_pairs(store, str(standard)) == 0  # idempotent
+    pairs = seed_pairs(store)
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "Four."}]
+    assert pairs[1]["rejected"] == [{"role": "assistant", "content": "Go away."}]
+
+
+def test_import_takes_an_implicit_prompt_and_refuses_bad_rows():
+    shared = [{"role": "user", "content": "Hi"}]
+    prompt, chosen, rejected = normalise({
+        "chosen": shared + [{"role": "assistant", "content": "Hello"}],
+        "rejected": shared + [{"role": "assistant", "content": "No"}]})
+    assert prompt == shared and chosen[0]["content"] == "Hello" and rejected[0]["content"] == "No"
+    with pytest.raises(StorageError, match="needs 'chosen' and 'rejected'"):
+        normalise({"prompt": "x", "answer": "y"})
