@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--learning-rate", type=float, default=5e-5, help="LoRA learning rate")
     g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
+    g = p.add_argument_group("Hub dataset")
+    g.add_argument("--hub-dataset", default=os.environ.get("PREFLOOP_HUB_DATASET"), metavar="REPO",
+                   help="push votes to this dataset repo (needs HF_TOKEN; private; env PREFLOOP_HUB_DATASET)")
+    g.add_argument("--hub-every-minutes", type=float, default=5.0, help="how often new votes are pushed")
     g.add_argument("--log-level", default="INFO", help="logging level")
     args = p.parse_args(argv)
     if args.lora_r > args.max_lora_rank:
@@ -107,6 +111,7 @@ class App:
     demo: object
     engine: object
     scheduler: object
+    hub: object
     url: str
 
 
@@ -137,6 +142,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
     admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
     check_port(args.host, args.port)
     store = VoteStore(data_dir / "votes.db")
+    hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
     queue.load_file(args.prompts or BUNDLED)
 
@@ -174,7 +180,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
                 with gr.Tab("Annotate", id="annotate"):
                     annotate.build(demo, svc, who)
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                    admin.build(demo, admin_tab, store, rounds, scheduler, serving, who, admins)
+                    admin.build(demo, admin_tab, store, rounds, scheduler, serving, hub, who, admins)
             annotate.build_api(svc, who)
         demo.queue(default_concurrency_limit=16)
         _, url, _ = demo.launch(
@@ -183,6 +189,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
             auth_message="Log in to compare answers.",
         )
         scheduler.start()
+        hub.start(every_s=args.hub_every_minutes * 60)
     except BaseException:
         engine.close()
         raise
@@ -193,7 +200,29 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
     else:
         print(f"Log in with a user from {users_path}; admins: {', '.join(sorted(admins))}.", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
-    return App(demo, engine, scheduler, url)
+    return App(demo, engine, scheduler, hub, url)
+
+
+def make_hub(args: argparse.Namespace, store, data_dir: Path):
+    """Hub sync when --hub-dataset and HF_TOKEN are given; else local only (said once)."""
+    import secrets
+
+    from storage.export import ANNOTATOR_SALT_ENV
+    from storage.hub import HubSync
+
+    salt = os.environ.get(ANNOTATOR_SALT_ENV) or store.get_setting("annotator_salt")
+    if not salt:  # one per data dir, so an annotator's hash is stable across restarts
+        salt = secrets.token_hex(16)
+        store.set_setting("annotator_salt", salt)
+    token = os.environ.get("HF_TOKEN")
+    api = None
+    if args.hub_dataset and token:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    elif args.hub_dataset:
+        logger.warning("--hub-dataset %s given but HF_TOKEN is not set: votes stay local", args.hub_dataset)
+    return HubSync(store, data_dir / "hub", args.hub_dataset, api, salt=salt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("shutting down")
         app.scheduler.stop()
         app.demo.close()
+        app.hub.flush()  # the last votes reach the Hub before the process ends
         app.engine.close()
     return 0
 

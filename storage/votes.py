@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import secrets
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.db import connect, migrate
-from storage.errors import VoteRejected
+from storage.errors import StorageError, VoteRejected
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +58,73 @@ class StoredPair:
     created_at: float
 
 
+class GroupCommit:
+    """One writer thread per store: concurrent writes are batched into one transaction, so one
+    fsync acknowledges many votes. Each write runs in its own savepoint: one refused write does
+    not undo the others. ``submit`` returns only after the batch's COMMIT (synchronous=FULL)."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        fut: Future = Future()
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="vote-writer", daemon=True)
+                self._thread.start()
+        self._queue.put((fn, fut))
+        return fut.result()
+
+    def _run(self) -> None:
+        conn = connect(self.path)
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            outcomes: list[tuple[Future, Any, BaseException | None]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, fut in batch:
+                    conn.execute("SAVEPOINT one_write")
+                    try:
+                        outcomes.append((fut, fn(conn), None))
+                    except Exception as e:
+                        conn.execute("ROLLBACK TO one_write")
+                        outcomes.append((fut, None, e))
+                    conn.execute("RELEASE one_write")
+                conn.execute("COMMIT")
+            except Exception as e:  # nothing of this batch is acknowledged
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                err = StorageError(f"could not commit to {self.path}: {e}; nothing was recorded, try again")
+                for _, fut in batch:
+                    fut.set_exception(err)
+                continue
+            for fut, result, error in outcomes:
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+
+
 class VoteStore:
-    """The vote log in one SQLite file. Safe to share between threads and processes:
-    every call opens its own short-lived connection."""
+    """The vote log in one SQLite file. Safe to share between threads and processes: reads open
+    short-lived connections; votes and pairs go through one group-commit writer per store."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._conn() as conn:
             migrate(conn)
+        self._writer = GroupCommit(self.path)
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -136,16 +197,12 @@ class VoteStore:
     ) -> str:
         """Store a pair shown to ``annotator``; returns its token (the pair id)."""
         token = secrets.token_urlsafe(16)
-        with self._conn() as conn:
-            conn.execute(
-                """INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right,
-                                     model_left, model_right, seed, params, timings, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    token, annotator, prompt_id, json.dumps(messages), answer_left, answer_right,
-                    model_left, model_right, seed, json.dumps(params), json.dumps(timings), time.time(),
-                ),
-            )
+        row = (token, annotator, prompt_id, json.dumps(messages), answer_left, answer_right,
+               model_left, model_right, seed, json.dumps(params), json.dumps(timings), time.time())
+        self._writer.submit(lambda conn: conn.execute(
+            """INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right,
+                                 model_left, model_right, seed, params, timings, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", row))
         return token
 
     def get_pair(self, pair_id: str) -> StoredPair | None:
@@ -164,38 +221,30 @@ class VoteStore:
     def record_vote(self, pair_id: str, annotator: str, choice: Choice | str) -> int:
         """Commit a vote and return its id; replaying the same token returns the same id."""
         choice = choice if isinstance(choice, Choice) else Choice.parse(choice)
-        with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                pair = conn.execute(
-                    "SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)
-                ).fetchone()
-                if pair is None:
-                    raise VoteRejected(f"unknown pair {pair_id!r}; ask for a new pair with /next_pair")
-                if pair["annotator"] != annotator:
-                    raise VoteRejected(f"pair {pair_id!r} was issued to another annotator; ask for your own")
-                existing = conn.execute(
-                    "SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)
-                ).fetchone()
-                if existing is not None:
-                    conn.execute("ROLLBACK")
-                    if existing["choice"] != choice.value:
-                        raise VoteRejected(
-                            f"pair {pair_id!r} already has the vote {existing['choice']!r}; one pair takes one vote"
-                        )
-                    return existing["id"]
-                now = time.time()
-                cur = conn.execute(
-                    "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        vote_id = cur.lastrowid
-        logger.info("vote %d pair=%s annotator=%s choice=%s", vote_id, pair_id, annotator, choice.value)
+
+        def write(conn: sqlite3.Connection) -> tuple[int, bool]:
+            pair = conn.execute("SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            if pair is None:
+                raise VoteRejected(f"unknown pair {pair_id!r}; ask for a new pair with /next_pair")
+            if pair["annotator"] != annotator:
+                raise VoteRejected(f"pair {pair_id!r} was issued to another annotator; ask for your own")
+            existing = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)).fetchone()
+            if existing is not None:
+                if existing["choice"] != choice.value:
+                    raise VoteRejected(
+                        f"pair {pair_id!r} already has the vote {existing['choice']!r}; one pair takes one vote"
+                    )
+                return existing["id"], False
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at) VALUES (?, ?, ?, ?, ?)",
+                (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now),
+            )
+            return cur.lastrowid, True
+
+        vote_id, new = self._writer.submit(write)
+        if new:
+            logger.info("vote %d pair=%s annotator=%s choice=%s", vote_id, pair_id, annotator, choice.value)
         return vote_id
 
     def count_votes(self, since: int = 0) -> int:

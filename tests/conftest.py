@@ -80,7 +80,8 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
 class RunningApp:
     """`python app.py` as a real subprocess, attached to the shared vLLM server."""
 
-    def __init__(self, data_dir: Path, engine: Engine, model: Path, extra: list[str] | None = None):
+    def __init__(self, data_dir: Path, engine: Engine, model: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -95,7 +96,8 @@ class RunningApp:
             "--vllm-url", ep.url, "--vllm-api-key", ep.api_key, "--max-tokens", "48",
             "--pairs-per-minute", "0", *(extra or []),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
         _wait_http(self.url, self.proc, self.log)
 
     def client(self, user: str = "alice"):

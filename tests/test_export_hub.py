@@ -14,7 +14,7 @@ from storage.errors import StorageError
 from storage.hub import HubSync
 from storage.importer import import_pairs, normalise, seed_pairs
 from storage.votes import VoteStore
-from tests.conftest import ROOT
+from tests.conftest import ROOT, RunningApp
 from tests.hubstub import HubStub
 
 REPO = "user/prefloop-votes"
@@ -177,3 +177,25 @@ def test_import_takes_an_implicit_prompt_and_refuses_bad_rows():
     assert prompt == shared and chosen[0]["content"] == "Hello" and rejected[0]["content"] == "No"
     with pytest.raises(StorageError, match="needs 'chosen' and 'rejected'"):
         normalise({"prompt": "x", "answer": "y"})
+
+
+def test_the_app_pushes_its_last_votes_on_sigterm(engine, smollm2_dir, tmp_path, hub):
+    app = RunningApp(tmp_path / "data", engine, smollm2_dir,
+                     ["--hub-dataset", REPO, "--hub-every-minutes", "60", "--round-every-votes", "0"],
+                     env={"HF_TOKEN": "hf_stand_in", "HF_ENDPOINT": hub.url})
+    try:
+        client = app.client("alice")
+        for choice in ("left", "tie"):
+            pair = client.predict("", api_name="/next_pair")
+            client.predict(pair["pair_id"], choice, api_name="/vote")
+        assert hub.files(REPO) == {}  # the periodic push has not run yet
+    finally:
+        assert app.stop() == 0
+    files = hub.files(REPO)
+    assert sorted(p.split("/")[0] for p in files) == ["README.md", "preferences", "votes"]
+    import io
+
+    import pyarrow.parquet as pq
+
+    votes = pq.read_table(io.BytesIO(next(b for p, b in files.items() if p.startswith("votes/"))))
+    assert sorted(votes.column("choice").to_pylist()) == ["left", "tie"]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from collector.serving import Serving
+from storage.hub import HubSync
 from storage.votes import VoteStore
 from trainer.rounds import RoundError, Rounds
 from trainer.schedule import Scheduler
@@ -17,7 +18,7 @@ ROUND_COLUMNS = ["round", "status", "adapter", "watermark", "reason", "started",
 
 
 def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, scheduler: Scheduler,
-          serving: Serving, who: Identity, admins: set[str]) -> None:
+          serving: Serving, hub: HubSync, who: Identity, admins: set[str]) -> None:
     def require_admin(request: gr.Request) -> str:
         user = who(request)
         if not user or user not in admins:
@@ -29,6 +30,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         run_btn = gr.Button("Run a round now", elem_id="run-round", variant="primary")
         rollback_btn = gr.Button("Roll back the serving adapter", elem_id="rollback")
         pause_btn = gr.Button("Pause / resume the schedule", elem_id="pause")
+        push_btn = gr.Button("Push to the Hub now", elem_id="push")
     progress = gr.Markdown(elem_id="round-progress")
     table = gr.Dataframe(headers=ROUND_COLUMNS, interactive=False, elem_id="rounds-table", wrap=True)
     timer = gr.Timer(2.0, active=False)
@@ -39,6 +41,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         lines = [
             f"**Votes:** {store.count_votes()} in total, {store.count_votes(last)} since the last round",
             f"**Serving:** `{serving.current}` · **Next round:** {scheduler.next_trigger()}",
+            f"**Dataset:** {hub.refresh_status().line()}",
         ]
         job = scheduler.job
         prog = ""
@@ -82,7 +85,14 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         scheduler.paused = not scheduler.paused
         return refresh(request)
 
+    def push(request: gr.Request):
+        require_admin(request)
+        n = hub.push()
+        gr.Info(f"pushed {n} files" if not hub.status.last_error else f"push failed: {hub.status.last_error}")
+        return refresh(request)
+
     run_btn.click(run_now, None, outputs, api_visibility="private")
+    push_btn.click(push, None, outputs, api_visibility="private")
     rollback_btn.click(rollback, None, outputs, api_visibility="private")
     pause_btn.click(pause, None, outputs, api_visibility="private")
     timer.tick(refresh, None, outputs, api_visibility="private")
