@@ -19,6 +19,7 @@ from typing import Any
 
 from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected, EngineError
+from collector.identity import identity_adapter
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Serving:
         self.base_model = base_model
         self.max_rank = max_rank
         self._lock = threading.Lock()
+        # Base requests go through an all-zero adapter once adapters are loaded (see identity.py).
+        engine.identity_path = str(identity_adapter(base_model, self.adapters_dir / "_identity"))
 
     @property
     def current(self) -> str:
@@ -121,29 +124,36 @@ class Serving:
 
     def restore(self) -> str:
         """At start: serve the persisted adapter, else the one before it, else the base."""
-        history = self.history()
-        while history:
-            name = history[-1]
-            try:
-                self._load(name)
-                self.engine.set_serving(name)
-                break
-            except (AdapterRejected, EngineError) as e:
-                logger.warning("cannot restore %s (%s); falling back", name, e)
-                history.pop()
-        else:
-            self.engine.set_serving(BASE)
-        self._save(history)
+        with self._lock:
+            history = self.history()
+            while history:
+                name = history[-1]
+                try:
+                    self._load(name)
+                    self.engine.set_serving(name)
+                    break
+                except (AdapterRejected, EngineError) as e:
+                    logger.warning("cannot restore %s (%s); falling back", name, e)
+                    history.pop()
+            else:
+                self.engine.set_serving(BASE)
+            self._save(history)
         logger.info("serving restored: %s", self.current)
         return self.current
 
     def _load(self, name: str) -> None:
-        if name == BASE or name in self.engine.loaded:
+        """Load ``name`` from this data dir's adapters (call with ``_lock`` held)."""
+        if name == BASE:
             return
         path = self.adapters_dir / name
+        loaded = self.engine.loaded.get(name)
+        if loaded == str(path):
+            return
         if not path.is_dir():
             raise AdapterRejected(f"adapter {name!r} not found in {self.adapters_dir}")
         preflight(path, self.base_model, self.max_rank)
+        if loaded is not None:  # the same name from another folder: replace it
+            self.engine.unload_adapter(name)
         self.engine.load_adapter(name, path)
 
     def swap(self, name: str) -> float:
@@ -203,10 +213,16 @@ class Serving:
             return
 
         def drain() -> None:
-            while self.engine.inflight(name) > 0:
-                time.sleep(0.2)
-            if name != self.engine.serving:
-                self.engine.unload_adapter(name)
+            while True:
+                while self.engine.inflight(name) > 0:
+                    time.sleep(0.2)
+                # Under the lock: a swap or rollback back to ``name`` cannot interleave.
+                with self._lock:
+                    if name == self.engine.serving or name not in self.engine.loaded:
+                        return
+                    if self.engine.inflight(name) == 0:
+                        self.engine.unload_adapter(name)
+                        return
 
         threading.Thread(target=drain, name=f"retire-{name}", daemon=True).start()
 
