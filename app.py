@@ -147,6 +147,7 @@ def build(args: argparse.Namespace, stop: threading.Event) -> App:
     queue.load_file(args.prompts or BUNDLED)
 
     model = resolve_model(args.model, data_dir)
+    store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves
     if args.vllm_url:
         engine = Engine.attach(args.vllm_url, args.vllm_api_key)
     else:

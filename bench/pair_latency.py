@@ -31,7 +31,7 @@ TOKENS = 128
 
 class ForcedLength(SamplingParams):
     def request(self) -> dict:
-        return {**super().request(), "ignore_eos": True, "min_tokens": TOKENS}
+        return {**super().request(), "ignore_eos": True, "min_tokens": self.max_tokens}
 
 
 def vllm_path(engine: Engine, model: str, concurrency: int, pairs_each: int) -> tuple[float, float]:

