@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 
 from collector.errors import AdapterRejected, EngineError
-from collector.identity import IDENTITY
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class EngineConfig:
         urls (list[str], default []): attach to these running servers instead of launching one.
         api_key (str | None, default None): key for attached servers; a managed one gets a random key.
         max_lora_rank (int, default 16): largest adapter rank the server accepts.
-        max_loras (int, default 4): adapters in one batch (serving, previous, arena opponent, identity).
+        max_loras (int, default 4): adapters in one batch (serving, a draining previous, arena opponent).
         max_model_len (int, default 2048): context length.
         dtype (str, default "bfloat16"): weights and activations dtype.
         cpu_kvcache_gb (int, default 2): KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).
@@ -202,14 +201,6 @@ class Engine:
         self._inflight: dict[str, int] = {}
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self.identity_path: str | None = None  # see collector/identity.py
-
-    def route(self, model: str) -> str:
-        """The served name a request for ``model`` goes to: the base goes through the identity
-        adapter whenever other adapters are loaded (vLLM-CPU mixes batches up otherwise)."""
-        if model == BASE and self.identity_path and any(n != IDENTITY for n in self.loaded):
-            return IDENTITY
-        return model
 
     @classmethod
     def launch(cls, config: EngineConfig) -> Engine:
@@ -321,8 +312,6 @@ class Engine:
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal."""
-        if name != IDENTITY and self.identity_path and IDENTITY not in self.loaded:
-            self.load_adapter(IDENTITY, self.identity_path)
         for ep in self.endpoints:
             try:
                 r = httpx.post(
@@ -369,7 +358,7 @@ class Engine:
     def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST a streaming chat completion; yields the parsed SSE chunks. An endpoint that
         cannot be reached is marked down and the request goes to the next one."""
-        body = {**body, "stream": True, "model": self.route(body["model"])}
+        body = {**body, "stream": True}
         self._track(body["model"], +1)
         try:
             for _ in range(len(self.endpoints)):
@@ -410,7 +399,7 @@ class Engine:
             try:
                 r = httpx.post(
                     f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
-                    json={"model": self.route(model or self.serving), "messages": messages, **params},
+                    json={"model": model or self.serving, "messages": messages, **params},
                 )
             except httpx.ConnectError:
                 ep.healthy = False

@@ -19,7 +19,6 @@ from typing import Any
 
 from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected, EngineError
-from collector.identity import identity_adapter
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
@@ -109,8 +108,6 @@ class Serving:
         self.base_model = base_model
         self.max_rank = max_rank
         self._lock = threading.Lock()
-        # Base requests go through an all-zero adapter once adapters are loaded (see identity.py).
-        engine.identity_path = str(identity_adapter(base_model, self.adapters_dir / "_identity"))
 
     @property
     def current(self) -> str:

@@ -46,6 +46,7 @@ def test_heldout_slice_is_stable_and_keeps_a_prompt_on_one_side():
 def test_distinct_bigrams_flag_repetition():
     assert distinct_n("the cat sat on the mat") == 1.0
     assert distinct_n("go go go go go go go go") < 0.2
+    assert distinct_n("") == 0.0  # an empty answer is degenerate too
 
 
 CHOSEN = "- Be kind.\n- Be brief."

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,6 +185,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         gradient_checkpointing=cuda and cfg.quantize == "4bit",
         logging_steps=1,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the Trainer's default hides NaN losses from train_loss
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -207,7 +207,8 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     t0 = time.time()
     out = trainer.train()
     train_s = time.time() - t0
-    changed = _changed_fraction(before, _lora_state(trainer.model))
+    after = _lora_state(trainer.model)
+    changed = _changed_fraction(before, after)
 
     result: dict[str, Any] = {
         "train_loss": out.training_loss,
@@ -216,6 +217,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "train_pairs": len(spec.train),
         "heldout_pairs": len(spec.heldout),
         "lora_changed_fraction": changed,
+        "weights_finite": all(bool(torch.isfinite(t).all()) for t in after.values()),
     }
     if eval_ds is not None:
         ev = trainer.evaluate()
@@ -223,9 +225,10 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
     result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
-    result["finite"] = all(math.isfinite(v) for v in (result["train_loss"],) if isinstance(v, float))
+    with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
+        result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
     with open(metrics_path, "a") as f:
-        f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if k != "samples"}}) + "\n")
+        f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if "samples" not in k}}) + "\n")
     (work / "result.json").write_text(json.dumps(result))
     return result
 
