@@ -116,6 +116,18 @@ class Annotation:
         logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
         yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}
 
+    def resume(self, annotator: str) -> dict[str, Any] | None:
+        """The pair this annotator was shown and has not voted on or skipped (after a reload)."""
+        pair = self.store.open_pair(annotator)
+        if pair is None:
+            return None
+        return {"pair_id": pair.pair_id, "prompt": pair.messages[-1]["content"], "left": pair.answer_left,
+                "right": pair.answer_right, "done": True}
+
+    def skip(self, annotator: str, pair_id: str | None) -> None:
+        if pair_id:
+            self.store.skip_pair(pair_id, annotator)
+
     def next_pair(self, annotator: str, prompt: str | None = None) -> dict[str, Any]:
         *_, last = self.stream_pair(annotator, prompt)
         last.pop("done", None)

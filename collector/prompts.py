@@ -24,7 +24,9 @@ def check_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     """Normalise a typed prompt or raise PromptError with the reason."""
     if not isinstance(text, str):
         raise PromptError("a prompt must be text")
-    text = text.replace("\x00", "").strip()
+    if "\x00" in text:
+        raise PromptError("the prompt contains NUL bytes (\\x00); remove them and send it again")
+    text = text.strip()
     if not text:
         raise PromptError("the prompt is empty; type a question or request")
     if len(text) > max_chars:

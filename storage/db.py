@@ -92,7 +92,12 @@ def m0002_seed_pairs(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial, m0002_seed_pairs]
+def m0003_pair_skipped(conn: sqlite3.Connection) -> None:
+    # A pair the annotator skipped is not resumed after a page reload.
+    conn.execute("ALTER TABLE pairs ADD COLUMN skipped_at REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial, m0002_seed_pairs, m0003_pair_skipped]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

@@ -218,6 +218,21 @@ class VoteStore:
             created_at=row["created_at"],
         )
 
+    def open_pair(self, annotator: str, max_age_s: float = 6 * 3600) -> StoredPair | None:
+        """The annotator's newest pair that has neither a vote nor a skip (resumed after a reload)."""
+        with self._conn() as conn:
+            row = conn.execute(
+                """SELECT p.id FROM pairs p LEFT JOIN votes v ON v.pair_id = p.id
+                   WHERE p.annotator = ? AND v.id IS NULL AND p.skipped_at IS NULL AND p.created_at > ?
+                   ORDER BY p.created_at DESC LIMIT 1""",
+                (annotator, time.time() - max_age_s),
+            ).fetchone()
+        return None if row is None else self.get_pair(row[0])
+
+    def skip_pair(self, pair_id: str, annotator: str) -> None:
+        self._writer.submit(lambda conn: conn.execute(
+            "UPDATE pairs SET skipped_at = ? WHERE id = ? AND annotator = ?", (time.time(), pair_id, annotator)))
+
     def record_vote(self, pair_id: str, annotator: str, choice: Choice | str) -> int:
         """Commit a vote and return its id; replaying the same token returns the same id."""
         choice = choice if isinstance(choice, Choice) else Choice.parse(choice)

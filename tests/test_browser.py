@@ -32,7 +32,8 @@ def login(browser, app, user: str):
 
 def shown_pair(page) -> tuple[str, str]:
     page.wait_for_selector("#vote-a:not([disabled])", timeout=120_000)
-    return page.inner_text("#answer-a").strip(), page.inner_text("#answer-b").strip()
+    md = " [data-testid=markdown]"  # the rendered answer, without Gradio's progress overlay
+    return page.inner_text("#answer-a" + md).strip(), page.inner_text("#answer-b" + md).strip()
 
 
 def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):

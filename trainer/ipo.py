@@ -193,6 +193,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        include_num_input_tokens_seen=True,
     )
     train_ds = Dataset.from_list(trl_rows(spec.train))
     eval_ds = Dataset.from_list(trl_rows(spec.heldout)) if spec.heldout else None
@@ -218,7 +219,12 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "heldout_pairs": len(spec.heldout),
         "lora_changed_fraction": changed,
         "weights_finite": all(bool(torch.isfinite(t).all()) for t in after.values()),
+        "seconds_per_step": train_s / max(1, out.global_step),
+        "tokens_per_second": trainer.state.num_input_tokens_seen / train_s if train_s else 0.0,
+        "peak_rss_mb": _peak_rss_mb(),
     }
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if eval_ds is not None:
         ev = trainer.evaluate()
         result.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
@@ -231,6 +237,12 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if "samples" not in k}}) + "\n")
     (work / "result.json").write_text(json.dumps(result))
     return result
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _lora_state(model) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from collector.annotate import Annotation, RateLimited
 from collector.errors import EngineError
 from collector.prompts import PromptError
 from storage.errors import VoteRejected
+from ui.render import safe_markdown
 
 # label, choice, element id, keyboard keys
 VOTES = [
@@ -76,15 +77,33 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
     def disabled() -> list[Any]:
         return [gr.Button(interactive=False) for _ in buttons]
 
+    def show(upd: dict[str, Any], user: str) -> list[Any]:
+        return [f"**Prompt:** {safe_markdown(upd['prompt'])}", safe_markdown(upd["left"]),
+                safe_markdown(upd["right"]), upd["pair_id"],
+                *[gr.Button(interactive=True) for _ in buttons], _counts_md(svc, user), ""]
+
+    def first_pair(request: gr.Request):
+        """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
+        user = _user(who, request)
+        pending = svc.resume(user)
+        if pending is not None:
+            yield show(pending, user)
+            return
+        yield from load_pair("", request)
+
+    def skip_pair(pid: str | None, request: gr.Request):
+        svc.skip(_user(who, request), pid)
+        yield from load_pair("", request)
+
     def load_pair(own_text: str, request: gr.Request):
         user = _user(who, request)
         try:
             for upd in svc.stream_pair(user, own_text or None):
                 if upd["done"]:
-                    yield [f"**Prompt:** {upd['prompt']}", upd["left"], upd["right"], upd["pair_id"],
-                           *[gr.Button(interactive=True) for _ in buttons], _counts_md(svc, user), ""]
+                    yield show(upd, user)
                 else:
-                    yield [f"**Prompt:** {upd['prompt']}", upd["left"], upd["right"], None,
+                    yield [f"**Prompt:** {safe_markdown(upd['prompt'])}", safe_markdown(upd["left"]),
+                           safe_markdown(upd["right"]), None,
                            *disabled(), gr.skip(), gr.skip()]
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
@@ -111,10 +130,10 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
             make_vote(choice), [pair_id], [pair_id, *buttons, status], trigger_mode="once",
             api_name=f"ui_vote_{choice}", api_visibility="private",
         ).success(load_pair, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private")
-    skip.click(load_pair, [no_own], pair_outputs, api_name="ui_skip", api_visibility="private", trigger_mode="once")
+    skip.click(skip_pair, [pair_id], pair_outputs, api_name="ui_skip", api_visibility="private", trigger_mode="once")
     own_btn.click(load_pair, [own], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
                   trigger_mode="once")
-    demo.load(load_pair, [no_own], pair_outputs, api_name="ui_first_pair", api_visibility="private")
+    demo.load(first_pair, None, pair_outputs, api_name="ui_first_pair", api_visibility="private")
 
 
 def build_api(svc: Annotation, who: Identity) -> None:
