@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from collector.quality import annotator_quality, outcomes_from_votes, win_rates_with_intervals
 from collector.serving import Serving
 from storage.hub import HubSync
 from storage.votes import VoteStore
@@ -33,6 +34,12 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         push_btn = gr.Button("Push to the Hub now", elem_id="push")
     progress = gr.Markdown(elem_id="round-progress")
     table = gr.Dataframe(headers=ROUND_COLUMNS, interactive=False, elem_id="rounds-table", wrap=True)
+    gr.Markdown("#### People's verdict: win rate against the base (arena pairs, Bradley-Terry, ties as half)")
+    winrates = gr.Dataframe(headers=["version", "win rate vs base", "95% low", "95% high"], interactive=False,
+                            elem_id="win-rates")
+    gr.Markdown("#### Annotators")
+    quality = gr.Dataframe(headers=["annotator", "votes", "share 'A'", "p (position bias)", "tie rate",
+                                    "median s/vote", "flag"], interactive=False, elem_id="annotator-quality")
     timer = gr.Timer(2.0, active=False)
 
     def refresh(request: gr.Request):
@@ -62,9 +69,15 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
              round(((r["finished_at"] or time.time()) - r["started_at"]) / 60, 1)]
             for r in reversed(rounds.all_rounds())
         ]
-        return "\n\n".join(lines), prog, rows, gr.Timer(active=scheduler.running)
+        votes = store.votes_with_pairs()
+        rates = win_rates_with_intervals(outcomes_from_votes(votes), anchor="base", samples=100)
+        rate_rows = [[m, round(e, 3), round(lo, 3), round(hi, 3)] for m, (e, lo, hi) in sorted(rates.items())]
+        q_rows = [[q.annotator, q.votes, round(q.left_share, 2), f"{q.left_p_value:.3g}", round(q.tie_rate, 2),
+                   q.median_seconds, "always one side?" if q.position_biased else ""]
+                  for q in annotator_quality(votes)]
+        return "\n\n".join(lines), prog, rows, rate_rows, q_rows, gr.Timer(active=scheduler.running)
 
-    outputs = [summary, progress, table, timer]
+    outputs = [summary, progress, table, winrates, quality, timer]
 
     def run_now(request: gr.Request):
         user = require_admin(request)
@@ -91,12 +104,10 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         gr.Info(f"pushed {n} files" if not hub.status.last_error else f"push failed: {hub.status.last_error}")
         return refresh(request)
 
-    run_btn.click(run_now, None, outputs, api_visibility="private")
-    push_btn.click(push, None, outputs, api_visibility="private")
-    rollback_btn.click(rollback, None, outputs, api_visibility="private")
-    pause_btn.click(pause, None, outputs, api_visibility="private")
-    timer.tick(refresh, None, outputs, api_visibility="private")
-    tab.select(refresh, None, outputs, api_visibility="private")
+    for event, fn, name in ((run_btn.click, run_now, "admin_run_round"), (push_btn.click, push, "admin_push"),
+                            (rollback_btn.click, rollback, "admin_rollback"), (pause_btn.click, pause, "admin_pause"),
+                            (timer.tick, refresh, "admin_tick"), (tab.select, refresh, "admin_refresh")):
+        event(fn, None, outputs, api_name=name, api_visibility="private")
 
     def show_tab(request: gr.Request):
         user = who(request)

@@ -1,0 +1,121 @@
+"""Human-side figures: Bradley-Terry strengths of adapter versions from arena votes, and
+per-annotator quality (position bias, tie rate, speed).
+
+Bradley-Terry: P(i beats j) = p_i / (p_i + p_j), fitted by Hunter's MM iterations; a tie counts
+as half a win for each side (the convention of Chatbot Arena's leaderboard). Intervals come from
+a bootstrap over votes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Outcome = tuple[str, str, float]  # (model a, model b, score of a: 1 win, 0.5 tie, 0 loss)
+
+
+def outcomes_from_votes(rows: Iterable[dict]) -> list[Outcome]:
+    """Arena votes (left/right/tie between two different models) -> outcomes; both-bad is skipped."""
+    score = {"left": 1.0, "right": 0.0, "tie": 0.5}
+    return [(r["model_left"], r["model_right"], score[r["choice"]]) for r in rows
+            if r["choice"] in score and r["model_left"] != r["model_right"]]
+
+
+def bradley_terry(outcomes: list[Outcome], iters: int = 500, tol: float = 1e-10) -> dict[str, float]:
+    """Strengths normalised to a geometric mean of 1 ({} without outcomes)."""
+    if not outcomes:
+        return {}
+    wins: dict[str, float] = defaultdict(float)
+    games: dict[tuple[str, str], float] = defaultdict(float)
+    for a, b, s in outcomes:
+        wins[a] += s
+        wins[b] += 1 - s
+        games[(a, b)] += 1
+        games[(b, a)] += 1
+    players = sorted(wins)
+    p = {i: 1.0 for i in players}
+    for _ in range(iters):
+        new = {}
+        for i in players:
+            denom = sum(n / (p[i] + p[j]) for (a, j), n in games.items() if a == i)
+            new[i] = max(wins[i], 1e-9) / denom if denom else p[i]
+        g = math.exp(sum(math.log(v) for v in new.values()) / len(new))
+        new = {i: v / g for i, v in new.items()}
+        done = max(abs(new[i] - p[i]) for i in players) < tol
+        p = new
+        if done:
+            break
+    return p
+
+
+def win_rate_vs(strengths: dict[str, float], model: str, anchor: str) -> float:
+    return strengths[model] / (strengths[model] + strengths[anchor])
+
+
+def win_rates_with_intervals(outcomes: list[Outcome], anchor: str = "base", samples: int = 200,
+                             seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Each version's win rate against ``anchor``: (estimate, 2.5th, 97.5th percentile)."""
+    point = bradley_terry(outcomes)
+    if anchor not in point:
+        return {}
+    rng = random.Random(seed)
+    boot: dict[str, list[float]] = defaultdict(list)
+    for _ in range(samples):
+        sample = [rng.choice(outcomes) for _ in outcomes]
+        s = bradley_terry(sample, iters=200, tol=1e-8)
+        for m in s:
+            if m != anchor and anchor in s:
+                boot[m].append(win_rate_vs(s, m, anchor))
+    out = {}
+    for m in point:
+        if m == anchor:
+            continue
+        qs = sorted(boot[m]) or [win_rate_vs(point, m, anchor)]
+        out[m] = (win_rate_vs(point, m, anchor), qs[int(0.025 * (len(qs) - 1))], qs[int(0.975 * (len(qs) - 1))])
+    return out
+
+
+def binomial_two_sided_p(k: int, n: int, p: float = 0.5) -> float:
+    """Exact two-sided binomial test: P(a count at least as unlikely as k)."""
+    if n == 0:
+        return 1.0
+    pmf = [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
+    return min(1.0, sum(x for x in pmf if x <= pmf[k] * (1 + 1e-9)))
+
+
+@dataclass
+class AnnotatorQuality:
+    annotator: str
+    votes: int
+    left_share: float
+    left_p_value: float
+    tie_rate: float
+    median_seconds: float | None
+
+    @property
+    def position_biased(self) -> bool:
+        """Picks one side far more than chance allows (p < 0.01)."""
+        return self.left_p_value < 0.01
+
+
+def annotator_quality(rows: Iterable[dict]) -> list[AnnotatorQuality]:
+    """Per annotator, from vote rows (storage.votes.VoteStore.votes_with_pairs)."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[r["annotator"]].append(r)
+    out = []
+    for who, rs in sorted(by.items()):
+        sided = [r for r in rs if r["choice"] in ("left", "right")]
+        left = sum(r["choice"] == "left" for r in sided)
+        secs = [r["latency_ms"] / 1000 for r in rs if r.get("latency_ms") is not None]
+        out.append(AnnotatorQuality(
+            annotator=who, votes=len(rs), left_share=left / len(sided) if sided else 0.5,
+            left_p_value=binomial_two_sided_p(left, len(sided)),
+            tie_rate=sum(r["choice"] == "tie" for r in rs) / len(rs),
+            median_seconds=statistics.median(secs) if secs else None,
+        ))
+    return out
