@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--pairs-each", type=int, default=2, help="pairs per annotator at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--no-lora-ceiling", action="store_true",
+                   help="also measure a server started without --enable-lora (the base path's true ceiling)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefloop-bench")
     args = p.parse_args()
     base = embedded_model(args.data_dir)
@@ -108,6 +110,15 @@ def main() -> None:
                 rows.append((extra or "(PrefLoop defaults)", c, lora, ceiling))
                 print(f"[{extra or 'defaults'}] c={c}: adapter {lora[0]:.1f} pairs/min (ttft {lora[1]:.2f} s), "
                       f"no adapter {ceiling[0]:.1f} (ttft {ceiling[1]:.2f} s)", flush=True)
+        finally:
+            engine.close()
+    if args.no_lora_ceiling:
+        engine = Engine.launch(EngineConfig(model=str(base), enable_lora=False,
+                                            log_path=args.data_dir / "vllm-bench-nolora.log"))
+        try:
+            for c in args.concurrency:
+                r = vllm_path(engine, BASE, c, args.pairs_each)
+                print(f"[no --enable-lora] c={c}: {r[0]:.1f} pairs/min (ttft {r[1]:.2f} s)", flush=True)
         finally:
             engine.close()
     print("\nserver flags                 conc  adapter/min  ttft s  no-adapter/min  ttft s  "

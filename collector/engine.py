@@ -49,6 +49,7 @@ class EngineConfig:
         startup_timeout (float, default 600.0): seconds to wait for the server to become healthy.
         log_path (Path | None, default None): where the managed server's output goes.
         extra_args (list[str], default []): more `vllm serve` flags, passed as is.
+        enable_lora (bool, default True): runtime LoRA; off only for benchmarks' no-LoRA ceiling.
     """
 
     model: str = ""
@@ -63,6 +64,7 @@ class EngineConfig:
     startup_timeout: float = 600.0
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    enable_lora: bool = True
 
 
 def free_port() -> int:
@@ -97,10 +99,11 @@ class VLLMServer:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", c.model, "--served-model-name", BASE,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
-            "--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras),
             "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),
             "--disable-uvicorn-access-log",
         ]
+        if c.enable_lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras)]
         if c.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         return cmd + list(c.extra_args)
