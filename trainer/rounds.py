@@ -200,6 +200,13 @@ class Rounds:
             row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status = 'promoted'").fetchone()
         return row[0] or 0
 
+    def last_attempt_watermark(self) -> int:
+        """The watermark of the newest finished round, whatever its verdict: the schedule counts new
+        votes from here, so a rejected round does not trigger again on the same votes."""
+        with self.store._conn() as conn:
+            row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status != 'running'").fetchone()
+        return row[0] or 0
+
     def manifest(self, round_id: int) -> dict[str, Any] | None:
         p = self.manifests / f"{adapter_name(round_id)}.json"
         return json.loads(p.read_text()) if p.exists() else None

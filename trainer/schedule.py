@@ -73,7 +73,8 @@ class Scheduler:
     # -- triggers ------------------------------------------------------------------------
 
     def usable_new_votes(self) -> int:
-        rows = self.rounds.store.votes_with_pairs(self.rounds.last_watermark())
+        """Left/right/tie votes since the last finished round (promoted or not)."""
+        rows = self.rounds.store.votes_with_pairs(self.rounds.last_attempt_watermark())
         return sum(1 for r in rows if r["choice"] != "both_bad")
 
     def due(self) -> str | None:

@@ -1,0 +1,45 @@
+"""When rounds start by themselves.
+
+    .venv/bin/python -m pytest tests/test_schedule.py
+"""
+
+import time
+
+from storage.votes import VoteStore
+from tests.test_rounds import _seed_votes
+from trainer.rounds import RoundConfig, Rounds
+from trainer.schedule import ScheduleConfig, Scheduler
+
+
+def _scheduler(tmp_path, **kw) -> tuple[VoteStore, Scheduler]:
+    store = VoteStore(tmp_path / "votes.db")
+    rounds = Rounds(store, tmp_path, "unused-model")
+    return store, Scheduler(rounds, RoundConfig(), ScheduleConfig(**kw), lambda: None, lambda names: None)
+
+
+def _finished_round(store: VoteStore, status: str, watermark: int) -> None:
+    with store._conn() as conn:
+        conn.execute("INSERT INTO rounds(status, watermark, started_at, finished_at) VALUES (?, ?, ?, ?)",
+                     (status, watermark, time.time(), time.time()))
+
+
+def test_a_round_is_due_after_enough_new_usable_votes(tmp_path):
+    store, sched = _scheduler(tmp_path, min_new_votes=8)
+    _seed_votes(store, 7)
+    assert sched.due() is None
+    _seed_votes(store, 1)
+    assert "8 new votes" in sched.due()
+    sched.paused = True
+    assert sched.due() is None and sched.next_trigger() == "paused"
+
+
+def test_a_rejected_round_does_not_trigger_again_on_the_same_votes(tmp_path):
+    # Before the fix the trigger counted from the last *promoted* round, so a rejected round was
+    # started again every few seconds on the same votes.
+    store, sched = _scheduler(tmp_path, min_new_votes=8)
+    _seed_votes(store, 8)
+    _finished_round(store, "rejected", watermark=8)
+    assert sched.due() is None
+    assert sched.next_trigger() == "0/8 new votes"
+    _seed_votes(store, 8)
+    assert sched.due() is not None
