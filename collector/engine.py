@@ -86,7 +86,9 @@ class VLLMServer:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.port = free_port()
-        self.api_key = secrets.token_urlsafe(24)
+        # Hex, and passed as --api-key=KEY: a urlsafe key may begin with "-", which argparse takes
+        # for an option (vLLM then exits with a usage error, about one start in 64).
+        self.api_key = secrets.token_hex(24)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(config.log_path or f"vllm-{self.port}.log")
         self.proc: subprocess.Popen | None = None
@@ -98,7 +100,7 @@ class VLLMServer:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", c.model, "--served-model-name", BASE,
-            "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
+            "--host", "127.0.0.1", "--port", str(self.port), f"--api-key={self.api_key}",
             "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),
             "--disable-uvicorn-access-log",
         ]

@@ -67,3 +67,13 @@ def test_vllm_failing_to_start_reports_its_log_tail(tmp_path):
     assert "exited with code" in str(e.value)
     assert "last lines of" in str(e.value)
     assert "nosuch" in str(e.value).lower()
+
+
+def test_the_managed_server_key_cannot_be_mistaken_for_a_flag():
+    # A urlsafe key starting with "-" made vLLM's argparse fail (seen once in CI-like runs).
+    from collector.engine import VLLMServer
+
+    for _ in range(200):
+        server = VLLMServer(EngineConfig(model="m"))
+        assert f"--api-key={server.api_key}" in server.command()
+        assert not server.api_key.startswith("-")
