@@ -115,7 +115,7 @@ class App:
     url: str
 
 
-def build(args: argparse.Namespace, stop: threading.Event) -> App:
+def build(args: argparse.Namespace) -> App:
     import gradio as gr
 
     from collector.annotate import AnnotateConfig, Annotation
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from storage.errors import StorageError
 
     try:
-        app = build(args, stop)
+        app = build(args)
     except (ModelError, EngineError, UsersError, StorageError, PromptError, OSError) as e:
         print(f"prefloop: error: {e}", file=sys.stderr)
         return 2

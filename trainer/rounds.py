@@ -207,10 +207,6 @@ class Rounds:
             row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status != 'running'").fetchone()
         return row[0] or 0
 
-    def manifest(self, round_id: int) -> dict[str, Any] | None:
-        p = self.manifests / f"{adapter_name(round_id)}.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
     # -- a round -------------------------------------------------------------------------
 
     def run(
