@@ -280,8 +280,7 @@ class Engine:
 
     def _resync(self, ep: Endpoint) -> None:
         for name, path in list(self.loaded.items()):
-            r = httpx.post(f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
-                           json={"lora_name": name, "lora_path": path})
+            r = self._post_load(ep, name, path)
             if r.status_code not in (200, 400):
                 logger.error("could not reload %s into %s: %s", name, ep.url, _error_text(r))
         logger.info("endpoint %s back; adapters reloaded: %s", ep.url, sorted(self.loaded))
@@ -315,14 +314,16 @@ class Engine:
 
     # -- adapters ------------------------------------------------------------------------
 
+    @staticmethod
+    def _post_load(ep: Endpoint, name: str, path: str | Path) -> httpx.Response:
+        return httpx.post(f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
+                          json={"lora_name": name, "lora_path": str(path)})
+
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal."""
         for ep in self.endpoints:
             try:
-                r = httpx.post(
-                    f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
-                    json={"lora_name": name, "lora_path": str(path)},
-                )
+                r = self._post_load(ep, name, path)
             except httpx.HTTPError as e:
                 ep.healthy = False
                 logger.warning("endpoint %s unreachable while loading %s: %s", ep.url, name, e)

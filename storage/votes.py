@@ -262,10 +262,12 @@ class VoteStore:
             logger.info("vote %d pair=%s annotator=%s choice=%s", vote_id, pair_id, annotator, choice.value)
         return vote_id
 
-    def count_votes(self, since: int = 0) -> int:
-        """Votes with id greater than ``since`` (a watermark)."""
+    def count_votes(self, since: int = 0, usable_only: bool = False) -> int:
+        """Votes with id greater than ``since`` (a watermark); ``usable_only``: without both-bad,
+        which says nothing about the order of the two answers."""
+        extra = " AND choice != 'both_bad'" if usable_only else ""
         with self._conn() as conn:
-            return conn.execute("SELECT COUNT(*) FROM votes WHERE id > ?", (since,)).fetchone()[0]
+            return conn.execute(f"SELECT COUNT(*) FROM votes WHERE id > ?{extra}", (since,)).fetchone()[0]
 
     def count_votes_by(self, annotator: str, since_ts: float = 0.0) -> int:
         with self._conn() as conn:

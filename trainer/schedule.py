@@ -74,8 +74,7 @@ class Scheduler:
 
     def usable_new_votes(self) -> int:
         """Left/right/tie votes since the last finished round (promoted or not)."""
-        rows = self.rounds.store.votes_with_pairs(self.rounds.last_attempt_watermark())
-        return sum(1 for r in rows if r["choice"] != "both_bad")
+        return self.rounds.store.count_votes(self.rounds.last_attempt_watermark(), usable_only=True)
 
     def due(self) -> str | None:
         if self.paused or self.running:
