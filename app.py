@@ -25,6 +25,28 @@ from pathlib import Path
 logger = logging.getLogger("prefloop")
 
 ENV_DATA_DIR = "PREFLOOP_DATA_DIR"
+SPACE_PERSISTENT = Path("/data")  # a Space's persistent storage, when the Space has it
+
+
+def default_data_dir(env: dict[str, str] | None = None, persistent: Path = SPACE_PERSISTENT) -> Path:
+    """$PREFLOOP_DATA_DIR; on a Space with persistent storage, /data/prefloop (it survives restarts
+    and rebuilds); else ./data."""
+    env = os.environ if env is None else env
+    if env.get(ENV_DATA_DIR):
+        return Path(env[ENV_DATA_DIR])
+    if env.get("SPACE_ID") and persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent / "prefloop"
+    return Path("data")
+
+
+def auth_mode(args: argparse.Namespace, env: dict[str, str] | None = None) -> str:
+    """"hf" (Sign in with Hugging Face) or "password" (the users file); "auto" picks hf on a Space
+    with OAuth enabled."""
+    from collector.users import on_space_with_oauth
+
+    if args.auth != "auto":
+        return args.auth
+    return "hf" if on_space_with_oauth(env) else "password"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,19 +69,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
     g.add_argument("--max-model-len", type=int, default=2048, help="vLLM context length")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="share of GPU memory vLLM may take (CUDA only)")
+                   help="share of GPU memory vLLM may take (CUDA only). Default: from the card's size, leaving "
+                   "room for a round's trainer (collector/gpu.py)")
+    g.add_argument("--vllm-quantization", default=None,
+                   help="vLLM --quantization for the served base (CUDA), e.g. bitsandbytes. Default: 4-bit on "
+                   "cards under 40 GiB, else none")
     g.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
     g.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the two answers")
     g = p.add_argument_group("app")
-    g.add_argument("--data-dir", type=Path, default=Path(os.environ.get(ENV_DATA_DIR, "data")),
-                   help=f"votes, models, adapters, rounds and logs (env {ENV_DATA_DIR})")
+    g.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help=f"votes, models, adapters, rounds and logs (env {ENV_DATA_DIR}; on a Space with "
+                   "persistent storage, /data/prefloop)")
     g.add_argument("--host", default="127.0.0.1", help="address the web app listens on (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)), help="web app port (env PORT)")
     g.add_argument("--users", type=Path, default=None,
                    help="users file, lines 'name:password' (or a hash from `hash-password`). "
                    "Default: <data-dir>/users.txt, created on first run with a random admin password")
-    g.add_argument("--admins", default=None,
-                   help="comma-separated admin names. Default: the first user of the users file")
+    g.add_argument("--auth", choices=["auto", "password", "hf"], default=os.environ.get("PREFLOOP_AUTH", "auto"),
+                   help="password: the users file; hf: Sign in with Hugging Face (a Space with hf_oauth: true); "
+                   "auto: hf on such a Space, else password (env PREFLOOP_AUTH)")
+    g.add_argument("--admins", default=os.environ.get("PREFLOOP_ADMINS"),
+                   help="comma-separated admin names (env PREFLOOP_ADMINS). Default: the first user of the users "
+                   "file; with --auth hf, the Space's owner (SPACE_AUTHOR_NAME)")
     g.add_argument("--prompts", type=Path, default=None, help="prompts file (one per line, or .jsonl with 'prompt')")
     g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
     g.add_argument("--arena-rate", type=float, default=0.25,
@@ -72,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--learning-rate", type=float, default=5e-5, help="LoRA learning rate")
     g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
+    g.add_argument("--quantize", choices=["auto", "none", "4bit"], default="auto",
+                   help="rounds with QLoRA (4bit) or not; auto: QLoRA on CUDA cards under 70 GiB, none on CPU")
     g = p.add_argument_group("Hub dataset")
     g.add_argument("--hub-dataset", default=os.environ.get("PREFLOOP_HUB_DATASET"), metavar="REPO",
                    help="push votes to this dataset repo (needs HF_TOKEN; private; env PREFLOOP_HUB_DATASET)")
@@ -120,11 +153,12 @@ def build(args: argparse.Namespace) -> App:
 
     from collector.annotate import AnnotateConfig, Annotation
     from collector.engine import Engine, EngineConfig
+    from collector.gpu import cuda_total_gib, plan_for
     from collector.models import resolve_model
     from collector.prompts import BUNDLED, PromptQueue
     from collector.sampling import SamplingParams
     from collector.serving import Serving
-    from collector.users import Users
+    from collector.users import Users, UsersError, oauth_username, on_space_with_oauth
     from storage.votes import VoteStore
     from trainer.ipo import TrainConfig
     from trainer.rounds import RoundConfig, Rounds
@@ -133,13 +167,21 @@ def build(args: argparse.Namespace) -> App:
 
     data_dir = args.data_dir.resolve()
     # Cheap checks first: a bad users file or a busy port should not wait for vLLM.
-    password = None
+    mode = auth_mode(args)
+    password, users = None, None
     users_path = args.users or data_dir / "users.txt"
-    if args.users is None and not users_path.exists():
-        users, password = Users.generate(users_path)
+    if mode == "hf":
+        if not on_space_with_oauth():
+            raise UsersError("--auth hf needs a Hugging Face Space with `hf_oauth: true` in its README "
+                             "(SPACE_ID and OAUTH_CLIENT_ID are not set here); use --auth password")
+        owner = os.environ.get("SPACE_AUTHOR_NAME")
+        admins = {a.strip() for a in (args.admins or owner or "").split(",") if a.strip()}
     else:
-        users = Users.load(users_path)
-    admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
+        if args.users is None and not users_path.exists():
+            users, password = Users.generate(users_path)
+        else:
+            users = Users.load(users_path)
+        admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
     check_port(args.host, args.port)
     store = VoteStore(data_dir / "votes.db")
     hub = make_hub(args, store, data_dir)
@@ -148,20 +190,28 @@ def build(args: argparse.Namespace) -> App:
 
     model = resolve_model(args.model, data_dir)
     store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves
+    total_gib = cuda_total_gib()
+    plan = plan_for(total_gib) if total_gib is not None else None
+    if plan is not None:
+        logger.info("GPU plan: %s", plan.note)
     if args.vllm_url:
         engine = Engine.attach(args.vllm_url, args.vllm_api_key)
     else:
         engine = Engine.launch(EngineConfig(
             model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization, log_path=data_dir / "logs" / "vllm.log"))
+            gpu_memory_utilization=args.gpu_memory_utilization or (plan and plan.gpu_memory_utilization),
+            quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
+            log_path=data_dir / "logs" / "vllm.log"))
     try:
         serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
         rounds = Rounds(store, data_dir, model)
         rounds.cleanup()
         serving.restore()
         engine.start_watchdog()
+        quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
         round_cfg = RoundConfig(train=TrainConfig(
-            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r))
+            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r,
+            quantize=quantize))
         scheduler = Scheduler(
             rounds, round_cfg,
             ScheduleConfig(min_new_votes=args.round_every_votes, every_minutes=args.round_every_minutes),
@@ -173,10 +223,15 @@ def build(args: argparse.Namespace) -> App:
             pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate))
 
         def who(request: gr.Request) -> str | None:
+            if mode == "hf":
+                return oauth_username(request)
             return getattr(request, "username", None) if request is not None else None
 
         with gr.Blocks(title="PrefLoop") as demo:
-            gr.Markdown("## PrefLoop — which answer is better?")
+            with gr.Row():
+                gr.Markdown("## PrefLoop — which answer is better?")
+                if mode == "hf":
+                    gr.LoginButton(elem_id="hf-login", scale=0)
             with gr.Tabs():
                 with gr.Tab("Annotate", id="annotate"):
                     annotate.build(demo, svc, who)
@@ -185,7 +240,8 @@ def build(args: argparse.Namespace) -> App:
             annotate.build_api(svc, who)
         demo.queue(default_concurrency_limit=16)
         _, url, _ = demo.launch(
-            server_name=args.host, server_port=args.port, auth=users.check, prevent_thread_lock=True,
+            server_name=args.host, server_port=args.port, auth=users.check if users else None,
+            prevent_thread_lock=True,
             quiet=True, head=annotate.SHORTCUTS_JS, footer_links=["api"],
             auth_message="Log in to compare answers.",
         )
@@ -195,7 +251,10 @@ def build(args: argparse.Namespace) -> App:
         engine.close()
         raise
     print(f"PrefLoop is running at {url}", flush=True)
-    if password:
+    if mode == "hf":
+        print(f"Annotators sign in with Hugging Face; admins: {', '.join(sorted(admins)) or 'none (set --admins)'}.",
+              flush=True)
+    elif password:
         print(f"Log in as 'admin' with password '{password}' (stored hashed in {users_path}; "
               "this is the only time it is shown).", flush=True)
     else:

@@ -46,6 +46,7 @@ class EngineConfig:
         dtype (str, default "bfloat16"): weights and activations dtype.
         cpu_kvcache_gb (int, default 2): KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).
         gpu_memory_utilization (float | None, default None): share of GPU memory for vLLM (CUDA).
+        quantization (str | None, default None): vLLM --quantization, e.g. "bitsandbytes" (CUDA).
         startup_timeout (float, default 600.0): seconds to wait for the server to become healthy.
         log_path (Path | None, default None): where the managed server's output goes.
         extra_args (list[str], default []): more `vllm serve` flags, passed as is.
@@ -61,6 +62,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     cpu_kvcache_gb: int = 2
     gpu_memory_utilization: float | None = None
+    quantization: str | None = None
     startup_timeout: float = 600.0
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -108,6 +110,8 @@ class VLLMServer:
             cmd += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", str(c.max_loras)]
         if c.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.quantization:
+            cmd += ["--quantization", c.quantization]
         return cmd + list(c.extra_args)
 
     def start(self) -> None:

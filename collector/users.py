@@ -1,4 +1,5 @@
-"""Local logins: a users file of ``name:password`` or ``name:scrypt$salt$hash`` lines.
+"""Who is annotating: local logins from a users file of ``name:password`` or
+``name:scrypt$salt$hash`` lines, or, on a Hugging Face Space, "Sign in with Hugging Face".
 
 Plain passwords are hashed as soon as the file is read and never kept or logged; ``hash-password``
 in app.py prints the hashed form to paste into the file instead.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import time
 from pathlib import Path
+from typing import Any
 
 
 class UsersError(ValueError):
@@ -64,3 +68,34 @@ class Users:
     def check(self, name: str, password: str) -> bool:
         stored = self.hashes.get(name)
         return stored is not None and verify(stored, password)
+
+
+# -- Hugging Face OAuth (on a Space) ---------------------------------------------------------
+
+SPACE_OAUTH_ENV = ("SPACE_ID", "OAUTH_CLIENT_ID")
+
+
+def on_space_with_oauth(env: dict[str, str] | None = None) -> bool:
+    """True on a Hugging Face Space whose README asks for ``hf_oauth: true``: the Hub then sets
+    SPACE_ID and the OAuth app's OAUTH_CLIENT_ID (with its secret, scopes and provider URL)."""
+    env = os.environ if env is None else env
+    return all(env.get(k) for k in SPACE_OAUTH_ENV)
+
+
+def oauth_username(request: Any) -> str | None:
+    """The Hugging Face user name of a request signed in with "Sign in with Hugging Face", or None.
+
+    Gradio's OAuth routes store the OpenID ``userinfo`` in the signed session cookie; this reads it
+    on the server for every event and API call (an expired login counts as none).
+    """
+    if request is None:
+        return None
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session") if isinstance(scope, dict) else getattr(underlying, "session", None)
+    info = (session or {}).get("oauth_info") or {}
+    expires_at = info.get("expires_at")
+    if expires_at is not None and expires_at < time.time():
+        return None
+    name = (info.get("userinfo") or {}).get("preferred_username")
+    return str(name) if name else None

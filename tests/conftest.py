@@ -81,11 +81,11 @@ class RunningApp:
     """`python app.py` as a real subprocess, attached to the shared vLLM server."""
 
     def __init__(self, data_dir: Path, engine: Engine, model: Path, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, users: list[str] | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.users = {"alice": "alice-pw", "bob": "bob-pw"}
+        self.users = {u: f"{u}-pw" for u in (users or ["alice", "bob"])}
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "users.txt").write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
         ep = engine.endpoints[0]

@@ -104,13 +104,18 @@ def _status(store: VoteStore, rounds: Rounds, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PREFLOOP_DATA_DIR", "data")))
+    help_dir = "the app's data dir (default: $PREFLOOP_DATA_DIR or ./data)"
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("PREFLOOP_DATA_DIR", "data")), help=help_dir)
+    # --data-dir is accepted before or after the command: `python -m trainer round --data-dir D`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=help_dir)
     sub = p.add_subparsers(dest="command", required=True)
-    _round_args(sub.add_parser("round", help="run one round now"))
-    st = sub.add_parser("status", help="rounds, serving adapter, votes")
+    _round_args(sub.add_parser("round", help="run one round now", parents=[common]))
+    st = sub.add_parser("status", help="rounds, serving adapter, votes", parents=[common])
     st.add_argument("--json", action="store_true")
-    sub.add_parser("rollback", help="ask the running app to serve the previous version")
-    fd = sub.add_parser("from-dataset", help="a warm-start round on an existing preference dataset")
+    sub.add_parser("rollback", help="ask the running app to serve the previous version", parents=[common])
+    fd = sub.add_parser("from-dataset", help="a warm-start round on an existing preference dataset",
+                        parents=[common])
     fd.add_argument("source", help="parquet/json(l) file, a PrefLoop export, or a Hub dataset id")
     fd.add_argument("--split", default="train")
     _round_args(fd)

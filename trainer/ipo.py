@@ -38,7 +38,8 @@ class TrainConfig:
         lora_alpha (int, default 32): LoRA scaling numerator.
         lora_dropout (float, default 0.0): dropout inside LoRA layers.
         quantize (str | None, default None): "4bit" for QLoRA (bitsandbytes nf4).
-        bf16 (bool | None, default None): bf16 autocast; None = on CUDA with bf16 support only.
+        bf16 (bool | None, default None): bf16 autocast; None = where the hardware has it (CUDA with
+            bf16, or a CPU with AVX512-BF16/AMX), fp32 elsewhere.
         seed (int, default 0): trainer seed.
         sample_prompts (list, default []): prompts for the post-training degeneration check.
         fault (str | None, default None): test hook: "nan" forces a NaN loss.
@@ -106,6 +107,45 @@ def _metrics_callback(path: Path):
     return JsonlMetrics()
 
 
+def _trainer_class():
+    """TRL's DPOTrainer plus the length-normalised metrics that IPO actually optimises.
+
+    TRL's IPO loss regresses ``mean-per-token log-ratio(chosen) - (rejected)`` to 1/(2*beta), but its
+    ``rewards/*`` metrics are built on token-summed log-ratios, so a length-driven preference can
+    look right in one and wrong in the other. This subclass captures the per-token log-probs of
+    the policy and reference forwards TRL already makes (a forward hook, no extra compute) and
+    logs ``ipo/margin`` and ``ipo/accuracy`` on the per-token means, next to TRL's own metrics.
+    """
+    from trl import DPOTrainer
+
+    class IPOTrainer(DPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            captured: list[Any] = []
+
+            def hook(module, args, output):
+                lp = getattr(output, "log_probs", None)
+                if lp is not None:
+                    captured.append(lp.detach())
+
+            handle = model.register_forward_hook(hook)
+            try:
+                result = super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                handle.remove()
+            if len(captured) >= 2:  # policy forward, then the reference forward (not precomputed)
+                mode = "train" if self.model.training else "eval"
+                mask = inputs["completion_mask"][..., 1:].to(captured[0].dtype)
+                policy, ref = (c[:, -mask.size(1):] for c in captured[:2])
+                per_token = ((policy - ref) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+                chosen, rejected = per_token.chunk(2, dim=0)
+                margin = (chosen - rejected).float()
+                self._metrics[mode]["ipo/margin"].append(margin.mean().item())
+                self._metrics[mode]["ipo/accuracy"].append((margin > 0).float().mean().item())
+            return result
+
+    return IPOTrainer
+
+
 def _load_model(spec: TrainSpec):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,7 +178,19 @@ def _bf16(cfg: TrainConfig) -> bool:
 
     if cfg.bf16 is not None:
         return cfg.bf16
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """A CPU with native bf16 dot products (AVX512-BF16 or AMX): autocast to bf16 there trains a
+    round 2-3x faster than fp32 (bench/round.py); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def run(spec: TrainSpec) -> dict[str, Any]:
@@ -146,7 +198,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from trainer.data import trl_rows
 
@@ -196,8 +248,11 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         include_num_input_tokens_seen=True,
     )
     train_ds = Dataset.from_list(trl_rows(spec.train))
-    eval_ds = Dataset.from_list(trl_rows(spec.heldout)) if spec.heldout else None
-    trainer = DPOTrainer(
+    # Held-out accuracy means something only where the annotator had a preference: ties are
+    # trained on (both orders) but left out of the evaluation, where they would pull it to 1/2.
+    strict_heldout = [p for p in spec.heldout if p.get("choice") != "tie"]
+    eval_ds = Dataset.from_list(trl_rows(strict_heldout)) if strict_heldout else None
+    trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=peft_config, callbacks=[_metrics_callback(metrics_path)],
     )
@@ -216,7 +271,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "train_seconds": train_s,
         "steps": out.global_step,
         "train_pairs": len(spec.train),
-        "heldout_pairs": len(spec.heldout),
+        "heldout_pairs": len(strict_heldout),
         "lora_changed_fraction": changed,
         "weights_finite": all(bool(torch.isfinite(t).all()) for t in after.values()),
         "seconds_per_step": train_s / max(1, out.global_step),
@@ -230,6 +285,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         result.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
+    result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
     result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
     with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
         result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
@@ -280,6 +336,52 @@ def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 96) -> 
             gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
+
+
+def _answer_logps(model, seqs, prompt_len: int):
+    """Per-token log-probs of ``seqs[:, prompt_len:]`` under ``model`` (its active adapter)."""
+    import torch
+
+    logits = model(input_ids=seqs, attention_mask=torch.ones_like(seqs)).logits[:, prompt_len - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+
+
+def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int = 2,
+                 max_new_tokens: int = 64, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo KL(policy || reference) on answers sampled from the policy (temperature 1):
+    the mean over answers of sum_t log pi(y_t) - log pi_ref(y_t). The reference is the one the
+    round trained against: the "ref" adapter in iterative rounds, the base otherwise."""
+    import torch
+    from trl.trainer.utils import use_adapter
+
+    if not prompts:
+        return {}
+    model.eval()
+    ref_name = "ref" if "ref" in getattr(model, "peft_config", {}) else None
+    torch.manual_seed(seed)
+    per_answer, tokens = [], 0
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        n = ids["input_ids"].shape[1]
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                                 top_k=0, num_return_sequences=samples_per_prompt,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answer = gen[:, n:]
+            answer_mask = (answer != tokenizer.pad_token_id).float()
+            if tokenizer.pad_token_id == tokenizer.eos_token_id:  # keep the first EOS: it was sampled
+                answer_mask = torch.cat([torch.ones_like(answer_mask[:, :1]), answer_mask[:, :-1]], dim=1)
+
+            policy = _answer_logps(model, gen, n)
+            with use_adapter(model, ref_name):
+                ref = _answer_logps(model, gen, n)
+        diff = ((policy - ref) * answer_mask).sum(dim=1)
+        per_answer.extend(diff.tolist())
+        tokens += int(answer_mask.sum())
+    kl = sum(per_answer) / len(per_answer)
+    return {"kl_estimate": kl, "kl_per_token": sum(per_answer) / max(1, tokens), "kl_answers": len(per_answer)}
 
 
 def main(argv: list[str] | None = None) -> int:

