@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
     g.add_argument("--arena-rate", type=float, default=0.25,
                    help="share of pairs that put the serving adapter against an earlier version or the base")
+    g.add_argument("--repeat-rate", type=float, default=0.05,
+                   help="share of pairs shown again (same or another person) to measure agreement (0: off)")
     g = p.add_argument_group("rounds")
     g.add_argument("--round-every-votes", type=int, default=32,
                    help="start a round when this many new usable votes arrived (0: off)")
@@ -220,7 +222,7 @@ def build(args: argparse.Namespace) -> App:
         )
         svc = Annotation(store, queue, serving, AnnotateConfig(
             sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
-            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate))
+            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate, repeat_rate=args.repeat_rate))
 
         def who(request: gr.Request) -> str | None:
             if mode == "hf":

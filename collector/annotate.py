@@ -59,12 +59,16 @@ class AnnotateConfig:
         max_prompt_chars (int, default 4000): longest prompt an annotator may type.
         arena_rate (float, default 0.25): share of pairs that put the serving adapter against an
             earlier version or the base (sides shuffled), for the human win rate per version.
+        repeat_rate (float, default 0.05): share of queue pairs that show an already voted pair
+            again (to the same or another person, sides swapped half the time), for agreement and
+            Cohen's kappa; their votes are not trained on.
     """
 
     sampling: SamplingParams = SamplingParams()
     pairs_per_minute: int = 30
     max_prompt_chars: int = 4000
     arena_rate: float = 0.25
+    repeat_rate: float = 0.05
 
 
 class Annotation:
@@ -96,6 +100,9 @@ class Annotation:
         if prompt is not None and prompt.strip():
             text = check_prompt(prompt, self.config.max_prompt_chars)
             prompt_id = self.store.prompt_id(text)
+        elif (repeat := self._repeat(annotator)) is not None:
+            yield repeat
+            return
         else:
             picked = self.queue.next_for(annotator)
             if picked is None:
@@ -115,6 +122,19 @@ class Annotation:
         )
         logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
         yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}
+
+    def _repeat(self, annotator: str) -> dict[str, Any] | None:
+        if self.config.repeat_rate <= 0 or self.rng.random() >= self.config.repeat_rate:
+            return None
+        original = self.store.repeat_candidate(annotator)
+        if original is None:
+            return None
+        pair_id = self.store.issue_repeat(original, annotator, swap=self.rng.random() < 0.5)
+        pair = self.store.get_pair(pair_id)
+        assert pair is not None
+        logger.info("pair %s issued to %s: a repeat of %s", pair_id, annotator, original)
+        return {"pair_id": pair_id, "prompt": pair.messages[-1]["content"], "left": pair.answer_left,
+                "right": pair.answer_right, "done": True}
 
     def resume(self, annotator: str) -> dict[str, Any] | None:
         """The pair this annotator was shown and has not voted on or skipped (after a reload)."""

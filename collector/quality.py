@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -95,6 +95,10 @@ class AnnotatorQuality:
     left_p_value: float
     tie_rate: float
     median_seconds: float | None
+    repeats: int = 0
+    agreement: float | None = None
+    kappa: float | None = None
+    excluded: bool = False
 
     @property
     def position_biased(self) -> bool:
@@ -102,11 +106,52 @@ class AnnotatorQuality:
         return self.left_p_value < 0.01
 
 
+SWAPPED = {"left": "right", "right": "left", "tie": "tie", "both_bad": "both_bad"}
+CATEGORIES = ("left", "right", "tie", "both_bad")
+
+
+def repeat_judgements(rows: Iterable[dict]) -> list[tuple[str, str, str, str]]:
+    """(original annotator, original choice, repeat annotator, repeat choice) for every voted
+    repeat, with the repeat's choice mapped back to the original's sides when they were swapped."""
+    rows = list(rows)
+    by_pair = {r["pair_id"]: r for r in rows if "pair_id" in r}
+    out = []
+    for r in rows:
+        original = by_pair.get(r.get("repeat_of") or "")
+        if original is None:
+            continue
+        choice = SWAPPED[r["choice"]] if r.get("repeat_swapped") else r["choice"]
+        out.append((original["annotator"], original["choice"], r["annotator"], choice))
+    return out
+
+
+def cohen_kappa(pairs: list[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of two raters over the four choices: (observed - chance) / (1 - chance),
+    chance from each rater's own marginals. None without pairs; 1.0 when chance is already 1."""
+    if not pairs:
+        return None
+    n = len(pairs)
+    observed = sum(a == b for a, b in pairs) / n
+    first = Counter(a for a, _ in pairs)
+    second = Counter(b for _, b in pairs)
+    chance = sum(first[c] * second[c] for c in CATEGORIES) / n**2
+    if chance >= 1.0:
+        return 1.0
+    return (observed - chance) / (1 - chance)
+
+
 def annotator_quality(rows: Iterable[dict]) -> list[AnnotatorQuality]:
-    """Per annotator, from vote rows (storage.votes.VoteStore.votes_with_pairs)."""
+    """Per annotator, from vote rows (storage.votes.VoteStore.votes_with_pairs). Agreement and
+    kappa count every repeat a person took part in, as the original's voter or the repeat's."""
+    rows = list(rows)
     by: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by[r["annotator"]].append(r)
+    involved: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for a, ca, b, cb in repeat_judgements(rows):
+        involved[a].append((ca, cb))
+        if b != a:
+            involved[b].append((ca, cb))
     out = []
     for who, rs in sorted(by.items()):
         sided = [r for r in rs if r["choice"] in ("left", "right")]
@@ -117,5 +162,8 @@ def annotator_quality(rows: Iterable[dict]) -> list[AnnotatorQuality]:
             left_p_value=binomial_two_sided_p(left, len(sided)),
             tie_rate=sum(r["choice"] == "tie" for r in rs) / len(rs),
             median_seconds=statistics.median(secs) if secs else None,
+            repeats=len(involved[who]),
+            agreement=sum(a == b for a, b in involved[who]) / len(involved[who]) if involved[who] else None,
+            kappa=cohen_kappa(involved[who]), excluded=any(r.get("excluded") for r in rs),
         ))
     return out

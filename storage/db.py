@@ -97,7 +97,28 @@ def m0003_pair_skipped(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE pairs ADD COLUMN skipped_at REAL")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m0001_initial, m0002_seed_pairs, m0003_pair_skipped]
+def m0004_repeats_and_exclusions(conn: sqlite3.Connection) -> None:
+    # A share of pairs is shown again (to the same or another person) to measure agreement: a
+    # repeat points at its original and says whether its sides were swapped. Admins may exclude a
+    # person's votes from training; the votes are kept.
+    _run(
+        conn,
+        """
+        ALTER TABLE pairs ADD COLUMN repeat_of TEXT REFERENCES pairs(id);
+        ALTER TABLE pairs ADD COLUMN repeat_swapped INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX pairs_repeat_of ON pairs(repeat_of);
+        CREATE TABLE excluded_annotators (
+            annotator TEXT PRIMARY KEY,
+            excluded_by TEXT NOT NULL,
+            excluded_at REAL NOT NULL
+        );
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions,
+]
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

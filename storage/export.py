@@ -6,7 +6,8 @@
   Ties and both-bad votes stay in ``votes`` only.
 
 Files are immutable parquet segments named ``<boot id>-<sequence>.parquet``: each app start
-(boot) writes its own, so replicas never collide; readers dedupe on ``vote_id``.
+(boot) writes its own, so replicas never collide; readers dedupe on ``pair_id`` (a random token,
+unique across replicas, where ``vote_id`` is only unique within one app's database).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def vote_rows(rows: list[dict[str, Any]], salt: str) -> list[dict[str, Any]]:
             "seed": r["seed"],
             "sampling_params": json.dumps(r["params"], sort_keys=True),
             "latency_ms": r["latency_ms"],
+            "repeat_of": r.get("repeat_of") or "",  # a pair shown again to measure agreement
         })
     return out
 
@@ -54,14 +56,15 @@ def vote_rows(rows: list[dict[str, Any]], salt: str) -> list[dict[str, Any]]:
 def preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        if r["choice"] not in ("left", "right"):
-            continue
+        if r["choice"] not in ("left", "right") or r.get("repeat_of"):
+            continue  # ties and both-bad order nothing; a repeat's original is already a row
         left = r["choice"] == "left"
         out.append({
             "prompt": r["messages"],
             "chosen": [{"role": "assistant", "content": r["answer_left"] if left else r["answer_right"]}],
             "rejected": [{"role": "assistant", "content": r["answer_right"] if left else r["answer_left"]}],
             "vote_id": r["vote_id"],
+            "pair_id": r["pair_id"],
             "chosen_model": r["model_left"] if left else r["model_right"],
             "rejected_model": r["model_right"] if left else r["model_left"],
         })
@@ -125,16 +128,19 @@ an earlier IPO round), and picked the better one, a tie, or "both are bad".
 ## Configs
 
 - `preferences` (default): `prompt` (list of chat messages), `chosen` and `rejected` (one
-  assistant message each), `vote_id`, `chosen_model`, `rejected_model`. TRL's `DPOTrainer` reads it
+  assistant message each), `vote_id`, `pair_id`, `chosen_model`, `rejected_model`. TRL's `DPOTrainer` reads it
   as is: `load_dataset(REPO, "preferences", split="train")`. Ties and both-bad votes are not here.
 - `votes`: one row per vote: `vote_id`, `pair_id`, `created_at` (Unix seconds), `annotator` (salted
   hash), `prompt`, `answer_left`, `answer_right`, `model_left`, `model_right`, `choice`
-  (`left` | `right` | `tie` | `both_bad`), `seed`, `sampling_params` (JSON), `latency_ms`.
+  (`left` | `right` | `tie` | `both_bad`), `seed`, `sampling_params` (JSON), `latency_ms`,
+  `repeat_of` (the `pair_id` of the original when a pair was shown again to measure agreement;
+  repeats are not in `preferences`).
 
 ## Files
 
 Files are immutable parquet segments named `<boot id>-<sequence>.parquet`; each app start writes its
-own, so several replicas never collide. Deduplicate on `vote_id` when reading.
+own, so several replicas never collide. Deduplicate on `pair_id` when reading (`vote_id` is
+unique only within one replica).
 {counts}"""
 
 

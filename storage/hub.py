@@ -79,7 +79,7 @@ class HubSync:
             name = f"{self.boot_id}-{self.seq:06d}"
             counts = export_segment(self.store, self.staged, name, after, upto, self.salt)
             # Files first, then the watermark: a crash in between stages those votes again under a
-            # new name (readers dedupe on vote_id); it never loses them.
+            # new name (readers dedupe on pair_id); it never loses them.
             self.store.set_setting(STAGED_MARK, str(upto))
             logger.info("staged segment %s: %d votes, %d preference pairs",
                         name, counts["votes"], counts["preferences"])

@@ -41,6 +41,10 @@ class Choice(StrEnum):
             raise VoteRejected(f"invalid choice {value!r}; use one of: {allowed}") from None
 
 
+USABLE_SQL = (" AND v.choice != 'both_bad' AND p.repeat_of IS NULL"
+              " AND v.annotator NOT IN (SELECT annotator FROM excluded_annotators)")
+
+
 @dataclass(frozen=True)
 class StoredPair:
     """A pair as shown to an annotator, with its provenance."""
@@ -56,6 +60,8 @@ class StoredPair:
     params: dict[str, Any]
     timings: dict[str, Any]
     created_at: float
+    repeat_of: str | None = None
+    repeat_swapped: bool = False
 
 
 class GroupCommit:
@@ -215,8 +221,49 @@ class VoteStore:
             answer_left=row["answer_left"], answer_right=row["answer_right"],
             model_left=row["model_left"], model_right=row["model_right"], seed=row["seed"],
             params=json.loads(row["params"]), timings=json.loads(row["timings"]),
-            created_at=row["created_at"],
+            created_at=row["created_at"], repeat_of=row["repeat_of"], repeat_swapped=bool(row["repeat_swapped"]),
         )
+
+    # -- repeats (agreement) and exclusions ------------------------------------------------
+
+    def repeat_candidate(self, annotator: str) -> str | None:
+        """A random voted pair (not itself a repeat) that ``annotator`` has not been shown again yet."""
+        with self._conn() as conn:
+            row = conn.execute(
+                """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id
+                   WHERE p.repeat_of IS NULL
+                     AND NOT EXISTS (SELECT 1 FROM pairs r WHERE r.repeat_of = p.id AND r.annotator = ?)
+                   ORDER BY RANDOM() LIMIT 1""",
+                (annotator,),
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def issue_repeat(self, original_id: str, annotator: str, swap: bool) -> str:
+        """Show a voted pair again to ``annotator`` (sides swapped or not); returns the new token.
+        Its vote measures agreement and is not trained on."""
+        token = secrets.token_urlsafe(16)
+        left, right = ("answer_right", "answer_left") if swap else ("answer_left", "answer_right")
+        mleft, mright = ("model_right", "model_left") if swap else ("model_left", "model_right")
+        self._writer.submit(lambda conn: conn.execute(
+            f"""INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right, model_left,
+                                  model_right, seed, params, timings, created_at, repeat_of, repeat_swapped)
+                SELECT ?, ?, prompt_id, messages, {left}, {right}, {mleft}, {mright}, seed, params, timings, ?, id, ?
+                FROM pairs WHERE id = ?""",
+            (token, annotator, time.time(), int(swap), original_id)))
+        return token
+
+    def set_excluded(self, annotator: str, excluded: bool, by: str) -> None:
+        """Leave a person's votes out of training (they are kept), or bring them back."""
+        with self._conn() as conn:
+            if excluded:
+                conn.execute("INSERT OR IGNORE INTO excluded_annotators VALUES (?, ?, ?)", (annotator, by, time.time()))
+            else:
+                conn.execute("DELETE FROM excluded_annotators WHERE annotator = ?", (annotator,))
+        logger.info("annotator %s %s by %s", annotator, "excluded from training" if excluded else "included", by)
+
+    def excluded_annotators(self) -> set[str]:
+        with self._conn() as conn:
+            return {r[0] for r in conn.execute("SELECT annotator FROM excluded_annotators")}
 
     def open_pair(self, annotator: str, max_age_s: float = 6 * 3600) -> StoredPair | None:
         """The annotator's newest pair that has neither a vote nor a skip (resumed after a reload)."""
@@ -263,11 +310,22 @@ class VoteStore:
         return vote_id
 
     def count_votes(self, since: int = 0, usable_only: bool = False) -> int:
-        """Votes with id greater than ``since`` (a watermark); ``usable_only``: without both-bad,
-        which says nothing about the order of the two answers."""
-        extra = " AND choice != 'both_bad'" if usable_only else ""
+        """Votes with id greater than ``since`` (a watermark); ``usable_only``: those a round trains
+        on: not both-bad (it says nothing about the order), not a repeat, not an excluded person's."""
+        extra = USABLE_SQL if usable_only else ""
         with self._conn() as conn:
-            return conn.execute(f"SELECT COUNT(*) FROM votes WHERE id > ?{extra}", (since,)).fetchone()[0]
+            return conn.execute(
+                f"SELECT COUNT(*) FROM votes v JOIN pairs p ON p.id = v.pair_id WHERE v.id > ?{extra}", (since,)
+            ).fetchone()[0]
+
+    def counts_by_choice(self) -> dict[str, int]:
+        with self._conn() as conn:
+            return {r[0]: r[1] for r in conn.execute("SELECT choice, COUNT(*) FROM votes GROUP BY choice")}
+
+    def vote_times(self) -> list[tuple[float, str]]:
+        """(time, choice) of every vote, oldest first: the admin's votes-over-time plot."""
+        with self._conn() as conn:
+            return [(r[0], r[1]) for r in conn.execute("SELECT created_at, choice FROM votes ORDER BY id")]
 
     def count_votes_by(self, annotator: str, since_ts: float = 0.0) -> int:
         with self._conn() as conn:
@@ -286,8 +344,10 @@ class VoteStore:
             rows = conn.execute(
                 """SELECT v.id AS vote_id, v.pair_id, v.annotator, v.choice, v.latency_ms,
                           v.created_at, p.messages, p.answer_left, p.answer_right,
-                          p.model_left, p.model_right, p.seed, p.params
+                          p.model_left, p.model_right, p.seed, p.params, p.repeat_of, p.repeat_swapped,
+                          x.annotator IS NOT NULL AS excluded
                    FROM votes v JOIN pairs p ON p.id = v.pair_id
+                   LEFT JOIN excluded_annotators x ON x.annotator = v.annotator
                    WHERE v.id > ? AND v.id <= ? ORDER BY v.id""",
                 (after, upto),
             ).fetchall()

@@ -94,7 +94,7 @@ class RunningApp:
             sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--port", str(self.port),
             "--users", str(data_dir / "users.txt"), "--admins", "alice", "--model", str(model),
             "--vllm-url", ep.url, "--vllm-api-key", ep.api_key, "--max-tokens", "48",
-            "--pairs-per-minute", "0", *(extra or []),
+            "--pairs-per-minute", "0", "--repeat-rate", "0", *(extra or []),
         ]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})

@@ -4,12 +4,14 @@
 """
 
 import json
+import sqlite3
 import uuid
 
 import httpx
 import pytest
 
-ADMIN_EVENTS = ["admin_run_round", "admin_push", "admin_rollback", "admin_pause", "admin_tick", "admin_refresh"]
+ADMIN_EVENTS = ["admin_run_round", "admin_push", "admin_rollback", "admin_pause", "admin_tick", "admin_refresh",
+                "admin_serve", "admin_exclude", "admin_include", "admin_export"]
 
 
 def _session(app, user: str) -> httpx.Client:
@@ -19,10 +21,10 @@ def _session(app, user: str) -> httpx.Client:
     return client
 
 
-def _call(client: httpx.Client, fn_index: int) -> list[dict]:
+def _call(client: httpx.Client, fn_index: int, data: list | None = None) -> list[dict]:
     """Call one event through Gradio's queue over raw HTTP; returns the server's messages."""
     session = uuid.uuid4().hex
-    r = client.post("gradio_api/queue/join", json={"data": [], "fn_index": fn_index, "session_hash": session,
+    r = client.post("gradio_api/queue/join", json={"data": data or [], "fn_index": fn_index, "session_hash": session,
                                                    "event_data": None, "trigger_id": None})
     if r.status_code != 200:
         return [{"msg": "refused", "status": r.status_code, "body": r.text}]
@@ -38,29 +40,34 @@ def _call(client: httpx.Client, fn_index: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def admin_fns(app) -> dict[str, int]:
+def admin_fns(app) -> dict[str, tuple[int, int]]:
+    """api name -> (fn_index, number of inputs)."""
     config = _session(app, "alice").get("config").json()
-    fns = {d.get("api_name"): i for i, d in enumerate(config["dependencies"]) if d.get("api_name") in ADMIN_EVENTS}
+    fns = {d.get("api_name"): (i, len(d["inputs"])) for i, d in enumerate(config["dependencies"])
+           if d.get("api_name") in ADMIN_EVENTS}
     assert sorted(fns) == sorted(ADMIN_EVENTS)
     return fns
 
 
 def test_a_non_admin_gets_nothing_from_any_admin_event_over_raw_http(app, admin_fns):
     bob = _session(app, "bob")
-    for name, index in admin_fns.items():
-        messages = _call(bob, index)
+    for name, (index, n_inputs) in admin_fns.items():
+        # well-formed inputs (bob names himself), so a refusal can only come from the role check
+        messages = _call(bob, index, ["bob"] * n_inputs)
         done = [m for m in messages if m.get("msg") in ("process_completed", "refused", "unexpected_error")]
         assert done, (name, messages)
         last = done[-1]
         assert last.get("msg") == "refused" or not last.get("success", False), (name, last)
         assert "Votes:" not in json.dumps(messages)  # no admin figures leaked
+    with sqlite3.connect(app.data_dir / "votes.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM excluded_annotators").fetchone()[0] == 0
     anonymous = httpx.Client(base_url=app.url, timeout=30)
-    assert anonymous.post("gradio_api/queue/join", json={"data": [], "fn_index": admin_fns["admin_refresh"],
+    assert anonymous.post("gradio_api/queue/join", json={"data": [], "fn_index": admin_fns["admin_refresh"][0],
                                                          "session_hash": "x"}).status_code in (401, 403)
 
 
 def test_an_admin_gets_the_figures(app, admin_fns):
-    messages = _call(_session(app, "alice"), admin_fns["admin_refresh"])
+    messages = _call(_session(app, "alice"), admin_fns["admin_refresh"][0])
     done = [m for m in messages if m.get("msg") == "process_completed"]
     assert done and done[-1]["success"], messages
     assert "Votes:" in json.dumps(done[-1]["output"])

@@ -49,6 +49,12 @@ def vote_to_pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def trainable(row: dict[str, Any]) -> bool:
+    """A repeat measures agreement (its original is already counted); an excluded person's votes
+    are kept but not trained on."""
+    return not row.get("repeat_of") and not row.get("excluded")
+
+
 def build_pairs(
     rows: Iterable[dict[str, Any]], heldout_fraction: float = 0.1
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -56,6 +62,8 @@ def build_pairs(
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
     for row in rows:
+        if not trainable(row):
+            continue
         pairs = vote_to_pairs(row)
         if pairs:
             (heldout if is_heldout(row["messages"], heldout_fraction) else train).extend(pairs)

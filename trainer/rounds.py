@@ -301,6 +301,9 @@ class Rounds:
 
     def _finish(self, round_id, status, reason, adapter, manifest) -> None:
         manifest.update({"status": status, "reason": reason, "finished_at": time.time()})
+        steps = self.work / adapter_name(round_id) / "metrics.jsonl"
+        if steps.exists():  # per-step metrics outlive the work dir: the admin's training plots
+            shutil.copyfile(steps, self.manifests / f"{adapter_name(round_id)}.metrics.jsonl")
         path = self.manifests / f"{adapter_name(round_id)}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
