@@ -15,6 +15,7 @@ import argparse
 import getpass
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cards under 40 GiB, else none")
     g.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
     g.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the two answers")
+    g.add_argument("--vllm-args", default=os.environ.get("PREFLOOP_VLLM_ARGS", ""),
+                   help='more flags for the managed vLLM server, e.g. "--tensor-parallel-size 2" to shard a model '
+                   "over 2 GPUs (env PREFLOOP_VLLM_ARGS)")
     g = p.add_argument_group("app")
     g.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help=f"votes, models, adapters, rounds and logs (env {ENV_DATA_DIR}; on a Space with "
@@ -105,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--learning-rate", type=float, default=5e-5, help="LoRA learning rate")
     g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
+    g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
+                   help='run rounds under a launcher, e.g. "accelerate launch --num_processes 4" to train on 4 GPUs '
+                   "(env PREFLOOP_TRAINER_LAUNCHER)")
     g.add_argument("--quantize", choices=["auto", "none", "4bit"], default="auto",
                    help="rounds with QLoRA (4bit) or not; auto: QLoRA on CUDA cards under 70 GiB, none on CPU")
     g = p.add_argument_group("Hub dataset")
@@ -203,7 +210,7 @@ def build(args: argparse.Namespace) -> App:
             model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization or (plan and plan.gpu_memory_utilization),
             quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
-            log_path=data_dir / "logs" / "vllm.log"))
+            extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log"))
     try:
         serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
         rounds = Rounds(store, data_dir, model)
@@ -211,7 +218,7 @@ def build(args: argparse.Namespace) -> App:
         serving.restore()
         engine.start_watchdog()
         quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
-        round_cfg = RoundConfig(train=TrainConfig(
+        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher), train=TrainConfig(
             beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r,
             quantize=quantize))
         scheduler = Scheduler(

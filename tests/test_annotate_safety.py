@@ -121,3 +121,22 @@ def test_safe_markdown_keeps_code_and_formatting_but_not_html_or_images():
     assert "**bold**" in out and "&lt;b&gt;x&lt;/b&gt;" in out
     assert "![" not in out and "[image: p](http://e.invalid/a.png)" in out
     assert "if a < b:" in out and "`x<y`" in out
+
+
+def test_the_per_user_rate_limit_refuses_with_the_wait_and_spares_others(engine, tmp_path, smollm2_dir):
+    from collector.annotate import AnnotateConfig, Annotation, RateLimited
+    from collector.prompts import PromptQueue
+    from collector.sampling import SamplingParams
+    from collector.serving import Serving
+
+    store = VoteStore(tmp_path / "votes.db")
+    queue = PromptQueue(store)
+    queue.load_file()
+    svc = Annotation(store, queue, Serving(engine, store, tmp_path / "adapters", str(smollm2_dir), 16),
+                     AnnotateConfig(sampling=SamplingParams(max_tokens=8), pairs_per_minute=2, repeat_rate=0.0))
+    for _ in range(2):
+        svc.next_pair("carol")
+    with pytest.raises(RateLimited, match=r"at most 2 per 60 s; try again in \d+ s"):
+        svc.next_pair("carol")
+    assert svc.next_pair("dave")["pair_id"]  # the limit is per person
+    assert store.count_votes() == 0 and len(store.prompts_seen_by("carol")) == 2  # the refusal issued nothing

@@ -142,6 +142,28 @@ def test_a_restart_with_an_empty_staging_dir_overwrites_nothing(store, tmp_path,
     assert len(after) == len(before) + 2
 
 
+def test_two_replicas_push_to_one_repo_without_collisions(tmp_path, hub):
+    """Two app replicas (their own databases, so their vote ids overlap) share one dataset repo."""
+    from datasets import load_dataset
+
+    replicas = []
+    for name, choices in (("a", ["left", "right", "left"]), ("b", ["right", "left"])):
+        store = VoteStore(tmp_path / name / "votes.db")
+        _votes(store, choices)
+        replicas.append((_sync(store, tmp_path / name, hub), store))
+    for sync, _ in replicas:
+        assert sync.push() >= 2 and sync.status.last_error is None
+    assert hub.overwrites == [] and hub.deletes == []
+    local = tmp_path / "downloaded"
+    for path, data in hub.files(REPO).items():
+        (local / path).parent.mkdir(parents=True, exist_ok=True)
+        (local / path).write_bytes(data)
+    prefs = load_dataset(str(local), "preferences", split="train")
+    assert len(prefs) == 5
+    assert len(set(prefs["vote_id"])) < 5  # vote ids collide across replicas...
+    assert len(set(prefs["pair_id"])) == 5  # ...pair ids do not: the dedupe key
+
+
 def test_without_a_repo_or_token_votes_stay_local(store, tmp_path):
     sync = HubSync(store, tmp_path / "hub", None, None)
     assert sync.push() == 0

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ def _round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-fraction", type=float, default=RoundConfig.heldout_fraction)
     p.add_argument("--min-heldout-accuracy", type=float, default=RoundConfig.min_heldout_accuracy)
     p.add_argument("--model", default=None, help="base model (default: the one the app serves)")
+    p.add_argument("--launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
+                   help='run training under a launcher, e.g. "accelerate launch --num_processes 4" for 4 GPUs '
+                   "(env PREFLOOP_TRAINER_LAUNCHER)")
 
 
 def _config(args: argparse.Namespace) -> RoundConfig:
@@ -51,7 +55,8 @@ def _config(args: argparse.Namespace) -> RoundConfig:
                         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, quantize=args.quantize)
     return RoundConfig(init=args.init, min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
-                       min_heldout_accuracy=args.min_heldout_accuracy, train=train)
+                       min_heldout_accuracy=args.min_heldout_accuracy, launcher=shlex.split(args.launcher),
+                       train=train)
 
 
 def _serving(store: VoteStore) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ def _metrics_callback(path: Path):
         """Appends every log (TRL's loss, rewards/*, logps/*) to metrics.jsonl, flushed."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
+            if logs and state.is_world_process_zero:
                 row = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs}
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -160,8 +161,8 @@ def _load_model(spec: TrainSpec):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if _bf16(cfg) else torch.float32,
         )
-    if cuda:
-        kwargs["device_map"] = {"": 0}
+    if cuda:  # one whole model per process (a launcher's data-parallel worker uses its own GPU)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     if tokenizer.pad_token is None:
@@ -281,8 +282,10 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if eval_ds is not None:
-        ev = trainer.evaluate()
+        ev = trainer.evaluate()  # on every process: it gathers across them
         result.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
+    if not is_main_process():
+        return result  # rank 0 saves, samples and writes the result
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
     result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
@@ -384,8 +387,27 @@ def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int =
     return {"kl_estimate": kl, "kl_per_token": sum(per_answer) / max(1, tokens), "kl_answers": len(per_answer)}
 
 
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent process dies (Linux): a killed app, CLI or launcher leaves no
+    orphan trainer behind. Not inherited across fork, so each trainer process sets it itself."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def is_main_process() -> bool:
+    """Rank 0 under a launcher (accelerate, torchrun), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "LOCAL_RANK" in os.environ:  # a launcher's worker: die with the launcher
+        die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = TrainSpec.load(Path(argv[0]))
     run(spec)

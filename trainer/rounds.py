@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from storage.votes import VoteStore
 from trainer.data import build_pairs, is_heldout
-from trainer.ipo import TrainConfig, TrainSpec
+from trainer.ipo import TrainConfig, TrainSpec, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class RoundConfig:
             on the same prompts (SmolLM2's own greedy poem scores 0.44, so a fixed floor alone misleads).
         sample_prompts (int, default 3): sample answers generated for the degeneration gate.
         timeout_s (float, default 3600): kill the training subprocess after this long.
+        launcher (list[str], default []): run the trainer under this launcher instead of plain
+            python, e.g. ``["accelerate", "launch", "--num_processes", "4"]`` for data-parallel
+            training on 4 GPUs (the launcher gets ``-m trainer.ipo SPEC``).
         train (TrainConfig): hyperparameters.
     """
 
@@ -62,6 +65,7 @@ class RoundConfig:
     max_distinct_2_drop: float = 0.15
     sample_prompts: int = 3
     timeout_s: float = 3600.0
+    launcher: list[str] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -141,16 +145,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _die_with_parent() -> None:
-    """In the training child: get SIGKILL when the process that started it dies (Linux), so a
-    killed app or CLI leaves no orphan trainer behind."""
-    try:
-        import ctypes
-        import signal
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the trainer and whatever it started (a launcher's workers): its own process group."""
+    import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
         pass
+    proc.wait()
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -280,7 +283,7 @@ class Rounds:
             "train_pairs": len(train), "heldout_pairs": len(heldout), "started_at": time.time(),
         }
         try:
-            result = self._train_subprocess(work, cfg.timeout_s, on_progress)
+            result = self._train_subprocess(work, cfg.timeout_s, on_progress, cfg.launcher)
             ok, reason = gate(result, cfg)
             manifest["metrics"] = result
             if ok:
@@ -315,13 +318,14 @@ class Rounds:
             )
         logger.info("round %d %s: %s", round_id, status, reason)
 
-    def _train_subprocess(self, work: Path, timeout_s: float, on_progress) -> dict[str, Any]:
+    def _train_subprocess(self, work: Path, timeout_s: float, on_progress, launcher: list[str]) -> dict[str, Any]:
         log = open(work / "train.log", "wb")
+        command = [*launcher] if launcher else [sys.executable]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.ipo", str(work / "spec.json")],
+            [*command, "-m", "trainer.ipo", str(work / "spec.json")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.close()
         with self.store._conn() as conn:
@@ -336,14 +340,11 @@ class Rounds:
                 if code is not None:
                     break
                 if time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
+                    _kill_group(proc)
                     raise RoundError(f"training took longer than {timeout_s:.0f} s and was stopped")
                 time.sleep(0.5)
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _kill_group(proc)
             raise
         result_path = work / "result.json"
         if code != 0 or not result_path.exists():
