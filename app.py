@@ -51,6 +51,8 @@ def auth_mode(args: argparse.Namespace, env: dict[str, str] | None = None) -> st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from trainer.ipo import TrainConfig  # stdlib-only at import: the defaults live in one place
+
     p = argparse.ArgumentParser(
         prog="python app.py",
         description="PrefLoop: annotators compare two answers from the serving model; IPO rounds on "
@@ -102,11 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--repeat-rate", type=float, default=0.05,
                    help="share of pairs shown again (same or another person) to measure agreement (0: off)")
     g = p.add_argument_group("rounds")
-    g.add_argument("--round-every-votes", type=int, default=32,
+    g.add_argument("--round-every-votes", type=int, default=64,
                    help="start a round when this many new usable votes arrived (0: off)")
     g.add_argument("--round-every-minutes", type=float, default=0.0, help="also start one this often (0: off)")
-    g.add_argument("--beta", type=float, default=0.1, help="IPO beta (tau)")
-    g.add_argument("--learning-rate", type=float, default=5e-5, help="LoRA learning rate")
+    g.add_argument("--beta", type=float, default=TrainConfig.beta, help="IPO beta (tau); see README, Rounds")
+    g.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate, help="LoRA learning rate")
     g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
     g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),

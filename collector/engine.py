@@ -7,6 +7,7 @@ runtime LoRA loading on). ``Engine`` talks to one or more endpoints, managed or 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -207,6 +208,7 @@ class Engine:
         self._lock = threading.Lock()
         self.serving = BASE
         self.loaded: dict[str, str] = {}  # adapter name -> path
+        self._vllm_names: dict[str, str] = {}  # adapter name -> the name vLLM knows it by
         self._inflight: dict[str, int] = {}
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -278,7 +280,9 @@ class Engine:
         if not self.loaded:
             return True
         try:
-            return set(self.loaded) <= set(self.models(ep))
+            r = httpx.get(f"{ep.url}/v1/models", headers=ep.headers, timeout=10)
+            r.raise_for_status()
+            return {self.vllm_name(n) for n in self.loaded} <= {m["id"] for m in r.json()["data"]}
         except httpx.HTTPError:
             return False
 
@@ -311,20 +315,27 @@ class Engine:
         raise EngineError("no vLLM endpoint is healthy; see the vLLM log")
 
     def models(self, ep: Endpoint | None = None) -> list[str]:
+        """Model names the endpoint serves: the base and adapters, by PrefLoop's names."""
         ep = ep or self.pick()
         r = httpx.get(f"{ep.url}/v1/models", headers=ep.headers, timeout=10)
         r.raise_for_status()
-        return [m["id"] for m in r.json()["data"]]
+        return [m["id"].split(VERSION_SEP)[0] for m in r.json()["data"]]
 
     # -- adapters ------------------------------------------------------------------------
 
-    @staticmethod
-    def _post_load(ep: Endpoint, name: str, path: str | Path) -> httpx.Response:
+    def vllm_name(self, name: str) -> str:
+        """The name vLLM serves ``name`` under: ``round-0001@<content digest>``. Several apps (or
+        replicas) may attach to one server, each with its own ``round-0001``; the digest keeps
+        them apart, where the bare name made the second app silently serve the first's adapter."""
+        return self._vllm_names.get(name, name)
+
+    def _post_load(self, ep: Endpoint, name: str, path: str | Path) -> httpx.Response:
         return httpx.post(f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
-                          json={"lora_name": name, "lora_path": str(path)})
+                          json={"lora_name": self.vllm_name(name), "lora_path": str(path)})
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal."""
+        self._vllm_names[name] = f"{name}{VERSION_SEP}{adapter_digest(path)}"
         for ep in self.endpoints:
             try:
                 r = self._post_load(ep, name, path)
@@ -342,10 +353,12 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         for ep in self.endpoints:
             try:
-                httpx.post(f"{ep.url}/v1/unload_lora_adapter", headers=ep.headers, timeout=30, json={"lora_name": name})
+                httpx.post(f"{ep.url}/v1/unload_lora_adapter", headers=ep.headers, timeout=30,
+                           json={"lora_name": self.vllm_name(name)})
             except httpx.HTTPError as e:
                 logger.warning("endpoint %s unreachable while unloading %s: %s", ep.url, name, e)
         self.loaded.pop(name, None)
+        self._vllm_names.pop(name, None)
         logger.info("adapter %s unloaded", name)
 
     def inflight(self, model: str) -> int:
@@ -370,11 +383,12 @@ class Engine:
         cannot be reached is marked down and the request goes to the next one."""
         body = {**body, "stream": True}
         self._track(body["model"], +1)
+        sent = {**body, "model": self.vllm_name(body["model"])}
         try:
             for _ in range(len(self.endpoints)):
                 ep = self.pick()
                 try:
-                    yield from self._stream_from(ep, body)
+                    yield from self._stream_from(ep, sent)
                     return
                 except httpx.ConnectError as e:
                     ep.healthy = False
@@ -409,7 +423,7 @@ class Engine:
             try:
                 r = httpx.post(
                     f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
-                    json={"model": model or self.serving, "messages": messages, **params},
+                    json={"model": self.vllm_name(model or self.serving), "messages": messages, **params},
                 )
             except httpx.ConnectError:
                 ep.healthy = False
@@ -418,6 +432,22 @@ class Engine:
                 raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
             return [c["message"]["content"] for c in r.json()["choices"]]
         raise EngineError("no vLLM endpoint could be reached; see the vLLM log")
+
+
+VERSION_SEP = "@"
+
+
+def adapter_digest(path: str | Path) -> str:
+    """A short digest of an adapter's files (config and weights): equal content, equal name."""
+    h = hashlib.sha256()
+    folder = Path(path)
+    for f in sorted(folder.glob("adapter_*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 def _error_text(r: httpx.Response) -> str:

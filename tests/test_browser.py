@@ -67,3 +67,24 @@ def test_admin_tab_is_shown_to_admins_only(browser, app):
     assert user.locator("button[role=tab]:has-text('Admin')").count() == 0
     admin.close()
     user.close()
+
+
+def test_admin_starts_a_round_and_watches_it_to_the_end_with_plots(browser, app, tmp_path):
+    from storage.votes import VoteStore
+    from tests.test_rounds import _seed_votes
+
+    _seed_votes(VoteStore(app.data_dir / "votes.db"), 12)  # the app's own database, as more annotators would
+    page = login(browser, app, "alice")
+    page.click("button[role=tab]:has-text('Admin')")
+    page.wait_for_selector("#admin-summary:has-text('Votes:')", timeout=60_000)
+    page.click("#run-round")
+    page.wait_for_selector("#round-progress:has-text('step')", timeout=120_000)  # live progress
+    page.wait_for_selector("#round-progress:has-text('Last round')", timeout=300_000)
+    progress = page.inner_text("#round-progress [data-testid=markdown]")
+    assert "promoted" in progress, progress
+    page.wait_for_selector("#rounds-table:has-text('promoted')", timeout=30_000)
+    for plot in ("#plot-loss", "#plot-accuracy", "#plot-votes", "#plot-rounds"):
+        page.wait_for_selector(f"{plot} canvas, {plot} svg", timeout=30_000)  # drawn, not "no data"
+    page.set_viewport_size({"width": 1280, "height": 2200})
+    page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+    page.close()

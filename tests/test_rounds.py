@@ -70,7 +70,7 @@ def trained(tmp_path_factory, smollm2_dir):
     store = VoteStore(data / "votes.db")
     _seed_votes(store, 8)
     rounds = Rounds(store, data, str(smollm2_dir))
-    cfg = RoundConfig(heldout_fraction=0.0, train=TrainConfig(epochs=2, learning_rate=5e-4, max_length=128))
+    cfg = RoundConfig(heldout_fraction=0.0, train=TrainConfig(beta=0.1, epochs=2, learning_rate=5e-4, max_length=128))
     progress = []
     manifest = rounds.run(cfg, on_progress=progress.append)
     return store, rounds, manifest, progress

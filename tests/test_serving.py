@@ -165,3 +165,25 @@ def test_restore_falls_back_when_the_serving_adapter_is_gone(engine, adapters, s
     store.set_setting("serving_history", json.dumps(["round-0404"]))
     s2 = Serving(Engine([*engine.endpoints]), store, adapters, str(smollm2_dir), max_rank=16)
     assert s2.restore() == BASE
+
+
+def test_two_apps_on_one_server_each_serve_their_own_round_0001(engine, adapters, tmp_path):
+    """Two apps (or replicas) attached to one vLLM server, each with its own adapter called
+    round-0001: before names carried a content digest, the second app's load was answered
+    "already loaded" and it silently served the first app's adapter."""
+    import shutil
+
+    ep = engine.endpoints[0]
+    first, second, third = (Engine.attach([ep.url], ep.api_key) for _ in range(3))
+    shutil.copytree(adapters / "round-0002", tmp_path / "round-0001")  # another app's round-0001
+    first.load_adapter("round-0001", adapters / "round-0001")
+    second.load_adapter("round-0001", tmp_path / "round-0001")
+    third.load_adapter("round-0002", adapters / "round-0002")  # the same weights as second's
+    try:
+        assert greedy(first, "round-0001") != greedy(second, "round-0001")
+        assert greedy(second, "round-0001") == greedy(third, "round-0002")
+        assert "round-0001" in first.models()  # PrefLoop's names, whatever vLLM calls them
+    finally:
+        first.unload_adapter("round-0001")
+        second.unload_adapter("round-0001")
+        third.unload_adapter("round-0002")

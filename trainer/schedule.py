@@ -24,14 +24,14 @@ class ScheduleConfig:
     """Triggers for automatic rounds.
 
     Fields:
-        min_new_votes (int, default 32): start a round when this many votes (left/right/tie)
+        min_new_votes (int, default 64): start a round when this many votes (left/right/tie)
             arrived since the last promoted round; 0 disables.
         every_minutes (float, default 0): also start one this often if there are enough pairs; 0 disables.
         check_every_s (float, default 10): how often the triggers are checked.
         paused (bool, default False): start paused (the admin can resume).
     """
 
-    min_new_votes: int = 32
+    min_new_votes: int = 64
     every_minutes: float = 0.0
     check_every_s: float = 10.0
     paused: bool = False
