@@ -97,7 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--admins", default=os.environ.get("PREFLOOP_ADMINS"),
                    help="comma-separated admin names (env PREFLOOP_ADMINS). Default: the first user of the users "
                    "file; with --auth hf, the Space's owner (SPACE_AUTHOR_NAME)")
-    g.add_argument("--prompts", type=Path, default=None, help="prompts file (one per line, or .jsonl with 'prompt')")
+    g.add_argument("--prompts", default=None,
+                   help="prompts: a file (.txt one per line, .jsonl with 'prompt'), or a dataset (.parquet/.json/.csv "
+                   "file or Hub id) with --prompts-column. Default: the bundled 211 prompts")
+    g.add_argument("--prompts-column", default="prompt", help="the dataset column with the prompts (text or messages)")
+    g.add_argument("--prompts-split", default="train", help="the dataset split to read prompts from")
     g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
     g.add_argument("--arena-rate", type=float, default=0.25,
                    help="share of pairs that put the serving adapter against an earlier version or the base")
@@ -166,7 +170,7 @@ def build(args: argparse.Namespace) -> App:
     from collector.engine import Engine, EngineConfig
     from collector.gpu import cuda_total_gib, plan_for
     from collector.models import resolve_model
-    from collector.prompts import BUNDLED, PromptQueue
+    from collector.prompts import PromptQueue
     from collector.sampling import SamplingParams
     from collector.serving import Serving
     from collector.users import Users, UsersError, oauth_username, on_space_with_oauth
@@ -197,7 +201,7 @@ def build(args: argparse.Namespace) -> App:
     store = VoteStore(data_dir / "votes.db")
     hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
-    queue.load_file(args.prompts or BUNDLED)
+    queue.load(args.prompts, args.prompts_column, args.prompts_split)
 
     model = resolve_model(args.model, data_dir)
     store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves

@@ -280,9 +280,7 @@ class Engine:
         if not self.loaded:
             return True
         try:
-            r = httpx.get(f"{ep.url}/v1/models", headers=ep.headers, timeout=10)
-            r.raise_for_status()
-            return {self.vllm_name(n) for n in self.loaded} <= {m["id"] for m in r.json()["data"]}
+            return {self.vllm_name(n) for n in self.loaded} <= set(self.models(ep, raw=True))
         except httpx.HTTPError:
             return False
 
@@ -314,12 +312,13 @@ class Engine:
                 return ep
         raise EngineError("no vLLM endpoint is healthy; see the vLLM log")
 
-    def models(self, ep: Endpoint | None = None) -> list[str]:
-        """Model names the endpoint serves: the base and adapters, by PrefLoop's names."""
+    def models(self, ep: Endpoint | None = None, raw: bool = False) -> list[str]:
+        """Model names the endpoint serves: the base and adapters, by PrefLoop's names (``raw``:
+        as vLLM knows them, ``round-0001@digest``)."""
         ep = ep or self.pick()
         r = httpx.get(f"{ep.url}/v1/models", headers=ep.headers, timeout=10)
         r.raise_for_status()
-        return [m["id"].split(VERSION_SEP)[0] for m in r.json()["data"]]
+        return [m["id"] if raw else m["id"].split(VERSION_SEP)[0] for m in r.json()["data"]]
 
     # -- adapters ------------------------------------------------------------------------
 

@@ -53,6 +53,40 @@ def read_prompt_file(path: Path) -> list[str]:
     return out
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_prompt_dataset(source: str, column: str = "prompt", split: str = "train", limit: int = 10_000) -> list[str]:
+    """Prompts from a column of a dataset: a local parquet/json/csv file or folder, or a Hub id.
+    A column of chat messages gives its first user message."""
+    from datasets import load_dataset
+
+    local = Path(source)
+    try:
+        if local.is_file():
+            kind = {".parquet": "parquet", ".json": "json", ".csv": "csv"}.get(local.suffix)
+            if kind is None:
+                raise PromptError(f"{source}: use a .txt, .jsonl, .parquet, .json or .csv file, or a dataset id")
+            ds = load_dataset(kind, data_files=str(local), split=split)
+        else:
+            ds = load_dataset(source, split=split)
+    except PromptError:
+        raise
+    except Exception as e:  # datasets raises many types; the message says what was wrong
+        raise PromptError(f"could not load prompts from {source!r} (split {split!r}): {e}") from e
+    if column not in ds.column_names:
+        raise PromptError(f"{source} has no column {column!r}; its columns: {', '.join(ds.column_names)}")
+    out = []
+    for value in ds.select(range(min(limit, len(ds))))[column]:
+        if isinstance(value, list):  # chat messages
+            value = next((m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None)
+        if isinstance(value, str) and value.strip() and "\x00" not in value and len(value) <= MAX_PROMPT_CHARS:
+            out.append(value.strip())
+    if not out:
+        raise PromptError(f"{source}: column {column!r} has no usable prompt (text up to {MAX_PROMPT_CHARS} chars)")
+    return out
+
+
 class PromptQueue:
     """Serves prompts from the ``prompts`` table of the vote store."""
 
@@ -64,6 +98,15 @@ class PromptQueue:
         texts = read_prompt_file(path)
         added = self.store.add_prompts(texts, source=Path(path).name)
         logger.info("prompts: %d read from %s, %d new", len(texts), path, added)
+        return added
+
+    def load(self, source: str | Path | None = None, column: str = "prompt", split: str = "train") -> int:
+        """The bundled prompts, a prompts file (.txt, .jsonl), or a dataset column (file or Hub id)."""
+        if source is None or Path(source).suffix in TEXT_SUFFIXES:
+            return self.load_file(Path(source) if source else BUNDLED)
+        texts = read_prompt_dataset(str(source), column, split)
+        added = self.store.add_prompts(texts, source=f"{source}:{column}")
+        logger.info("prompts: %d read from %s column %s, %d new", len(texts), source, column, added)
         return added
 
     def next_for(self, annotator: str) -> tuple[int, str] | None:

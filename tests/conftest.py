@@ -118,7 +118,7 @@ class RunningApp:
 @pytest.fixture(scope="session")
 def app(engine, smollm2_dir, tmp_path_factory) -> Iterator[RunningApp]:
     running = RunningApp(tmp_path_factory.mktemp("app-data"), engine, smollm2_dir,
-                         ["--round-every-votes", "0"])
+                         ["--round-every-votes", "0", "--epochs", "1"])
     yield running
     running.stop()
 

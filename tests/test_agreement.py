@@ -103,3 +103,24 @@ def test_figures_are_tidy_frames_for_the_plots(tmp_path):
     assert by == {"held-out accuracy": 0.8, "KL to reference (nats/token)": 0.01}  # IPO: the per-token accuracy
     wr = figures.win_rates({"round-0001": (0.6, 0.5, 0.7)})
     assert wr.set_index("series")["win rate"].to_dict() == {"95% low": 0.5, "estimate": 0.6, "95% high": 0.7}
+
+
+def test_prompts_come_from_a_dataset_column_of_text_or_messages(tmp_path):
+    from datasets import Dataset
+
+    from collector.prompts import PromptError
+
+    Dataset.from_list([
+        {"prompt": "Plain text prompt?", "messages": [{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "Chat prompt?"}]},
+        {"prompt": "x" * 5000, "messages": [{"role": "user", "content": "Second chat prompt?"}]},
+    ]).to_parquet(tmp_path / "prompts.parquet")
+    store = VoteStore(tmp_path / "votes.db")
+    queue = PromptQueue(store)
+    assert queue.load(str(tmp_path / "prompts.parquet")) == 1  # the 5,000-character one is left out
+    assert queue.load(str(tmp_path / "prompts.parquet"), column="messages") == 2
+    texts = {r["text"] for r in store.prompt_stats()}
+    assert texts == {"Plain text prompt?", "Chat prompt?", "Second chat prompt?"}
+    with pytest.raises(PromptError, match="no column 'question'; its columns: prompt, messages"):
+        queue.load(str(tmp_path / "prompts.parquet"), column="question")
+    assert queue.load(None) == 211  # the bundled file

@@ -73,7 +73,7 @@ def test_admin_starts_a_round_and_watches_it_to_the_end_with_plots(browser, app,
     from storage.votes import VoteStore
     from tests.test_rounds import _seed_votes
 
-    _seed_votes(VoteStore(app.data_dir / "votes.db"), 12)  # the app's own database, as more annotators would
+    _seed_votes(VoteStore(app.data_dir / "votes.db"), 8)  # the app's own database, as more annotators would
     page = login(browser, app, "alice")
     page.click("button[role=tab]:has-text('Admin')")
     page.wait_for_selector("#admin-summary:has-text('Votes:')", timeout=60_000)

@@ -83,7 +83,7 @@ def test_sigkill_mid_round_leaves_no_adapter_no_orphan_and_a_failed_round(data):
     assert not list(rounds.adapters.glob("*.tmp-*"))
     # The lock is free again: the next round runs.
     again = subprocess.run([sys.executable, "-m", "trainer", "--data-dir", str(tmp), "round", "--epochs", "1",
-                            "--max-length", "96", "--heldout-fraction", "0", "--learning-rate", "5e-4"],
+                            "--max-length", "96", "--heldout-fraction", "0", "--max-steps", "1"],
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "promoted" in again.stdout

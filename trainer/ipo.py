@@ -290,10 +290,11 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         return result  # rank 0 saves, samples and writes the result
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
-    result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
-    result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
-    with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
-        result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
+    if result["weights_finite"]:  # a diverged adapter is refused anyway; sampling it would crash
+        result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
+        result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
+        with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
+            result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if "samples" not in k}}) + "\n")
     (work / "result.json").write_text(json.dumps(result))
@@ -327,7 +328,7 @@ def _inject_nan(model) -> None:
                 return
 
 
-def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
+def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
     """Greedy answers from the trained policy, for the degeneration gate."""
     import torch
 
@@ -352,7 +353,7 @@ def _answer_logps(model, seqs, prompt_len: int):
 
 
 def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int = 2,
-                 max_new_tokens: int = 64, seed: int = 0) -> dict[str, float]:
+                 max_new_tokens: int = 48, seed: int = 0) -> dict[str, float]:
     """Monte-Carlo KL(policy || reference) on answers sampled from the policy (temperature 1):
     the mean over answers of sum_t log pi(y_t) - log pi_ref(y_t). The reference is the one the
     round trained against: the "ref" adapter in iterative rounds, the base otherwise."""
