@@ -144,3 +144,16 @@ def test_too_few_pairs_is_refused_with_the_count(trained):
     _, rounds, _, _ = trained
     with pytest.raises(RoundError, match="0 training pairs since vote 8"):
         rounds.run(RoundConfig())
+
+
+def test_the_gate_uses_the_per_token_heldout_accuracy_only_on_enough_pairs():
+    from trainer.rounds import gate
+
+    result = {"train_loss": 0.9, "lora_changed_fraction": 1.0, "eval_ipo/accuracy": 0.25,
+              "eval_rewards/accuracies": 0.9, "heldout_pairs": 4}
+    ok, reason = gate(dict(result), RoundConfig())
+    assert ok and "0.25 on 4 pairs (too few to gate on)" in reason
+    ok, reason = gate({**result, "heldout_pairs": 12}, RoundConfig())
+    assert not ok and "held-out accuracy 0.25 is below the floor 0.50" in reason  # IPO: per-token, not TRL's 0.9
+    sigmoid = RoundConfig(train=TrainConfig(loss="sigmoid"))
+    assert gate({**result, "heldout_pairs": 12}, sigmoid)[0]  # DPO: TRL's token-summed accuracy

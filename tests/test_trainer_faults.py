@@ -46,7 +46,8 @@ def test_a_nan_loss_is_not_promoted(data):
 
 def test_a_failed_gate_is_not_promoted_and_says_why(data):
     _, store, rounds = data
-    m = rounds.run(RoundConfig(heldout_fraction=0.5, min_heldout_accuracy=1.01, train=TrainConfig(**SMALL)))
+    m = rounds.run(RoundConfig(heldout_fraction=0.5, min_heldout_accuracy=1.01, min_heldout_pairs=1,
+                               train=TrainConfig(**SMALL)))
     assert m["status"] == "rejected"
     assert "below the floor 1.01" in m["reason"]
     assert rounds.all_rounds()[-1]["status"] == "rejected"
