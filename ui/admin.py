@@ -55,7 +55,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         acc_plot = gr.LinePlot(x="step", y="value", color="round", title="Accuracy (per-token margin > 0) by step",
                                elem_id="plot-accuracy", height=260, y_lim=[0, 1])
     with gr.Row():
-        round_plot = gr.LinePlot(x="round", y="value", color="metric", title="Held-out accuracy and KL by round",
+        round_plot = gr.ScatterPlot(x="round", y="value", color="metric", title="Held-out accuracy and KL by round",
                                  elem_id="plot-rounds", height=260)
         votes_plot = gr.LinePlot(x="time", y="votes", color="choice", title="Votes over time",
                                  elem_id="plot-votes", height=260)
@@ -65,7 +65,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
         serve_btn = gr.Button("Serve this version", elem_id="serve-version", scale=1)
     gr.Markdown("#### People's verdict: win rate against the base (arena pairs, Bradley-Terry, ties as half)")
     with gr.Row():
-        win_plot = gr.LinePlot(x="version", y="win rate", color="series", title="Win rate vs base (95% bootstrap)",
+        win_plot = gr.ScatterPlot(x="version", y="win rate", color="series", title="Win rate vs base (95% bootstrap)",
                                 elem_id="plot-winrate", height=260, y_lim=[0, 1])
         winrates = gr.Dataframe(headers=["version", "win rate vs base", "95% low", "95% high"], interactive=False,
                                 elem_id="win-rates")
