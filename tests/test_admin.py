@@ -71,3 +71,20 @@ def test_an_admin_gets_the_figures(app, admin_fns):
     done = [m for m in messages if m.get("msg") == "process_completed"]
     assert done and done[-1]["success"], messages
     assert "Votes:" in json.dumps(done[-1]["output"])
+
+
+def test_an_admin_exports_the_dataset_as_a_zip_with_both_configs(app, admin_fns):
+    import zipfile
+    from pathlib import Path
+
+    from storage.votes import VoteStore
+    from tests.test_rounds import _seed_votes
+
+    _seed_votes(VoteStore(app.data_dir / "votes.db"), 2)
+    messages = _call(_session(app, "alice"), admin_fns["admin_export"][0])
+    done = [m for m in messages if m.get("msg") == "process_completed"]
+    assert done and done[-1]["success"], messages
+    path = Path(done[-1]["output"]["data"][0]["value"]["path"])
+    names = zipfile.ZipFile(path).namelist()
+    assert "README.md" in names
+    assert any(n.startswith("votes/") for n in names) and any(n.startswith("preferences/") for n in names)
