@@ -328,6 +328,13 @@ def _inject_nan(model) -> None:
                 return
 
 
+def _encode(tokenizer, prompt: str, device):
+    """One user turn through the chat template, ready for ``generate``."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(device)
+
+
 def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
     """Greedy answers from the trained policy, for the degeneration gate."""
     import torch
@@ -335,9 +342,7 @@ def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> 
     model.eval()
     out = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
+        ids = _encode(tokenizer, p, model.device)
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -367,9 +372,7 @@ def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int =
     torch.manual_seed(seed)
     per_answer, tokens = [], 0
     for p in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
+        ids = _encode(tokenizer, p, model.device)
         n = ids["input_ids"].shape[1]
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
