@@ -105,6 +105,23 @@ class RunningApp:
 
         return Client(self.url, auth=(user, self.users[user]), verbose=False)
 
+    @staticmethod
+    def call(client, *args, api_name: str, tries: int = 3):
+        """``client.predict``, asked again when gradio_client drops the answer: it shares one event
+        stream per client, and a call that races the server's closing of the previous call's stream
+        ends in ``CancelledError`` although the server handled it (seen once in ~200 sequential
+        calls). Safe here because the calls are idempotent: the same vote on the same pair returns
+        the same vote id (a different one is refused), and /next_pair asked again issues a fresh
+        pair (the lost one stays unvoted, as when an annotator closes the tab)."""
+        from concurrent.futures import CancelledError
+
+        for attempt in range(tries):
+            try:
+                return client.predict(*args, api_name=api_name)
+            except CancelledError:
+                if attempt == tries - 1:
+                    raise
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -59,8 +59,8 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
                     if len(cast) >= VOTES:
                         return
                     cast.append(user)
-                pair = client.predict("", api_name="/next_pair")
-                client.predict(pair["pair_id"], prefers(pair["left"], pair["right"]), api_name="/vote")
+                pair = app.call(client, "", api_name="/next_pair")
+                app.call(client, pair["pair_id"], prefers(pair["left"], pair["right"]), api_name="/vote")
 
         t0 = time.time()
         with ThreadPoolExecutor(len(ANNOTATORS)) as pool:

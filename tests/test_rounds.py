@@ -146,14 +146,49 @@ def test_too_few_pairs_is_refused_with_the_count(trained):
         rounds.run(RoundConfig())
 
 
-def test_the_gate_uses_the_per_token_heldout_accuracy_only_on_enough_pairs():
+def test_the_accuracy_bound_matches_its_closed_forms():
+    from trainer.rounds import accuracy_upper_bound, binomial_cdf
+
+    # 0 of n: P(X = 0) = (1-p)^n = 0.05 -> p = 1 - 0.05^(1/n); n-1 of n: 1 - p^n = 0.05 -> p = 0.95^(1/n).
+    assert accuracy_upper_bound(0, 4) == pytest.approx(1 - 0.05 ** (1 / 4), abs=1e-9)
+    assert accuracy_upper_bound(11, 12) == pytest.approx(0.95 ** (1 / 12), abs=1e-9)
+    assert accuracy_upper_bound(12, 12) == 1.0
+    assert binomial_cdf(5, 12, accuracy_upper_bound(5, 12)) == pytest.approx(0.05, abs=1e-9)
+    assert accuracy_upper_bound(5, 12, 0.8) < accuracy_upper_bound(5, 12, 0.95)
+    with pytest.raises(ValueError, match="confidence"):
+        accuracy_upper_bound(5, 12, 1.0)
+
+
+def test_the_gate_refuses_only_when_the_heldout_votes_show_an_adapter_below_the_floor():
     from trainer.rounds import gate
 
-    result = {"train_loss": 0.9, "lora_changed_fraction": 1.0, "eval_ipo/accuracy": 0.25,
-              "eval_rewards/accuracies": 0.9, "heldout_pairs": 4}
-    ok, reason = gate(dict(result), RoundConfig())
-    assert ok and "0.25 on 4 pairs (too few to gate on)" in reason
-    ok, reason = gate({**result, "heldout_pairs": 12}, RoundConfig())
-    assert not ok and "held-out accuracy 0.25 is below the floor 0.50" in reason  # IPO: per-token, not TRL's 0.9
-    sigmoid = RoundConfig(train=TrainConfig(loss="sigmoid"))
-    assert gate({**result, "heldout_pairs": 12}, sigmoid)[0]  # DPO: TRL's token-summed accuracy
+    base = {"train_loss": 0.9, "lora_changed_fraction": 1.0, "eval_rewards/accuracies": 0.9}
+    # 5 of 12: a point estimate under 0.5, but a 0.6 adapter scores that often (upper bound 0.68).
+    ok, reason = gate({**base, "eval_ipo/accuracy": 0.4, "heldout_correct": 5, "heldout_pairs": 12}, RoundConfig())
+    assert ok and "held-out accuracy 0.42 on 12 pairs (at most 0.68 at 95% confidence; floor 0.50)" in reason
+    # 2 of 12: an adapter at the floor scores 2 or fewer 2% of the time: refused.
+    ok, reason = gate({**base, "eval_ipo/accuracy": 0.17, "heldout_correct": 2, "heldout_pairs": 12}, RoundConfig())
+    assert not ok and "held-out accuracy 0.17 on 12 pairs" in reason and "below the floor" in reason
+    # Without counts, the logged per-token accuracy (IPO) decides, not TRL's token-summed 0.9.
+    ok, reason = gate({**base, "eval_ipo/accuracy": 0.3, "heldout_pairs": 40}, RoundConfig())
+    assert not ok and "0.30 on 40 pairs" in reason
+    dpo = RoundConfig(train=TrainConfig(loss="sigmoid"))
+    assert gate({**base, "eval_ipo/accuracy": 0.3, "heldout_pairs": 40}, dpo)[0]
+    # 0 of 4 cannot show anything at 95%; at 80% it can.
+    assert gate({**base, "eval_ipo/accuracy": 0.0, "heldout_pairs": 4}, RoundConfig())[0]
+    assert not gate({**base, "eval_ipo/accuracy": 0.0, "heldout_pairs": 4}, RoundConfig(heldout_confidence=0.8))[0]
+
+
+def test_a_round_scores_every_heldout_vote_so_far_and_trains_on_the_new_ones():
+    from trainer.rounds import split_votes
+
+    rows = [_row(i, ["left", "right", "tie"][i % 3], prompt=f"prompt {i % 40}") for i in range(1, 301)]
+    cfg = RoundConfig(heldout_fraction=0.2, max_heldout_pairs=1000)
+    train, held = split_votes(rows, 200, cfg)
+    assert train and {p["vote_id"] for p in train} <= set(range(201, 301))  # only votes after the watermark
+    held_ids = {p["vote_id"] for p in held}
+    assert held_ids & set(range(1, 201)) and held_ids & set(range(201, 301))  # old and new held-out votes
+    assert all(p["choice"] != "tie" for p in held)  # only pairs with a preference are scored
+    assert not {p["prompt"][0]["content"] for p in held} & {p["prompt"][0]["content"] for p in train}
+    newest = split_votes(rows, 200, RoundConfig(heldout_fraction=0.2, max_heldout_pairs=5))[1]
+    assert [p["vote_id"] for p in newest] == [p["vote_id"] for p in held][-5:]

@@ -46,10 +46,13 @@ def test_a_nan_loss_is_not_promoted(data):
 
 def test_a_failed_gate_is_not_promoted_and_says_why(data):
     _, store, rounds = data
-    m = rounds.run(RoundConfig(heldout_fraction=0.5, min_heldout_accuracy=1.01, min_heldout_pairs=1,
+    m = rounds.run(RoundConfig(heldout_fraction=0.5, min_heldout_accuracy=1.01,
                                train=TrainConfig(**SMALL)))
     assert m["status"] == "rejected"
-    assert "below the floor 1.01" in m["reason"]
+    assert "floor 1.01)" in m["reason"] and "below the floor" in m["reason"]
+    met = m["metrics"]  # exact held-out counts, from the evaluation's own forwards
+    assert met["heldout_pairs"] > 0 and 0 <= met["heldout_correct"] <= met["heldout_pairs"]
+    assert met["heldout_accuracy"] == met["heldout_correct"] / met["heldout_pairs"]
     assert rounds.all_rounds()[-1]["status"] == "rejected"
     _nothing_promoted(rounds, store)
 

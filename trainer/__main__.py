@@ -43,7 +43,10 @@ def _round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["4bit"], default=None, help="QLoRA with bitsandbytes nf4")
     p.add_argument("--min-pairs", type=int, default=RoundConfig.min_pairs)
     p.add_argument("--heldout-fraction", type=float, default=RoundConfig.heldout_fraction)
-    p.add_argument("--min-heldout-accuracy", type=float, default=RoundConfig.min_heldout_accuracy)
+    p.add_argument("--min-heldout-accuracy", type=float, default=RoundConfig.min_heldout_accuracy,
+                   help="gate: refuse when the held-out votes show accuracy below this floor")
+    p.add_argument("--heldout-confidence", type=float, default=RoundConfig.heldout_confidence,
+                   help="gate: the confidence with which they must show it (one-sided bound)")
     p.add_argument("--model", default=None, help="base model (default: the one the app serves)")
     p.add_argument("--launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
                    help='run training under a launcher, e.g. "accelerate launch --num_processes 4" for 4 GPUs '
@@ -55,7 +58,8 @@ def _config(args: argparse.Namespace) -> RoundConfig:
                         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, quantize=args.quantize)
     return RoundConfig(init=args.init, min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
-                       min_heldout_accuracy=args.min_heldout_accuracy, launcher=shlex.split(args.launcher),
+                       min_heldout_accuracy=args.min_heldout_accuracy,
+                       heldout_confidence=args.heldout_confidence, launcher=shlex.split(args.launcher),
                        train=train)
 
 

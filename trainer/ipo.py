@@ -122,6 +122,12 @@ def _trainer_class():
     from trl import DPOTrainer
 
     class IPOTrainer(DPOTrainer):
+        heldout_counts: dict[str, int]
+
+        def evaluate(self, *args, **kwargs):
+            self.heldout_counts = {"per_token": 0, "summed": 0, "pairs": 0}
+            return super().evaluate(*args, **kwargs)
+
         def _compute_loss(self, model, inputs, return_outputs):
             captured: list[Any] = []
 
@@ -144,6 +150,12 @@ def _trainer_class():
                 margin = (chosen - rejected).float()
                 self._metrics[mode]["ipo/margin"].append(margin.mean().item())
                 self._metrics[mode]["ipo/accuracy"].append((margin > 0).float().mean().item())
+                if mode == "eval":  # exact counts for the gate (batch means weigh a short last batch wrongly)
+                    summed = ((policy - ref) * mask).sum(dim=1).float()
+                    s_chosen, s_rejected = summed.chunk(2, dim=0)
+                    self.heldout_counts["per_token"] += int((margin > 0).sum())
+                    self.heldout_counts["summed"] += int((s_chosen > s_rejected).sum())
+                    self.heldout_counts["pairs"] += margin.numel()
             return result
 
     return IPOTrainer
@@ -286,6 +298,9 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     if eval_ds is not None:
         ev = trainer.evaluate()  # on every process: it gathers across them
         result.update({k: v for k, v in ev.items() if isinstance(v, int | float)})
+        counts = trainer.heldout_counts
+        if counts["pairs"] == len(strict_heldout):  # one process saw every pair (not sharded)
+            result["heldout_correct"] = counts["per_token"] if cfg.loss == "ipo" else counts["summed"]
     if not is_main_process():
         return result  # rank 0 saves, samples and writes the result
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
