@@ -77,3 +77,18 @@ def test_the_managed_server_key_cannot_be_mistaken_for_a_flag():
         server = VLLMServer(EngineConfig(model="m"))
         assert f"--api-key={server.api_key}" in server.command()
         assert not server.api_key.startswith("-")
+
+
+def test_a_small_machine_computes_on_every_core(engine, monkeypatch):
+    # vLLM-CPU reserves a core for its front end; on 2 cores PrefLoop gives the model both.
+    from collector.engine import VLLMServer
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    small = len(os.sched_getaffinity(0)) <= 2
+    server = VLLMServer(EngineConfig(model="m"))
+    assert server.environment().get("VLLM_CPU_NUM_OF_RESERVED_CPU") == ("0" if small else None)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # a user's setting wins
+    assert server.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    if small:  # and the running server took it
+        log = engine.server.log_path.read_text(errors="replace")
+        assert "reserve_cpu_num=0" in log and "reserved_cpus=[]" in log
