@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--pairs-each", type=int, default=2, help="pairs per annotator at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--transformers-pairs", type=int, default=4, help="pairs for the transformers+peft path")
     p.add_argument("--no-lora-ceiling", action="store_true",
                    help="also measure a server started without --enable-lora (the base path's true ceiling)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefloop-bench")
@@ -96,7 +97,7 @@ def main() -> None:
     rows = []
     hf = None
     if not args.skip_transformers:
-        hf = transformers_path(base, adapter, pairs=2)
+        hf = transformers_path(base, adapter, pairs=args.transformers_pairs)
         print(f"transformers+peft: {hf[0]:.1f} pairs/min, ttft {hf[1]:.2f} s", flush=True)
     for extra in args.server_args or [""]:
         flags = shlex.split(extra)

@@ -1,7 +1,7 @@
 """The closed loop, end to end: votes through the API make the served model better in the eyes of
 the same annotator.
 
-Four scripted annotators with one checkable preference (the shorter answer wins; within 20
+Eight scripted annotators with one checkable preference (the shorter answer wins; within 20
 characters it is a tie) vote through `/next_pair` and `/vote` on the real app; the schedule starts
 one IPO round by itself; the gate promotes it and the app hot-swaps it into vLLM. Then, on prompts
 that were never voted on, the served adapter and the base answer with the same seeds, and the
@@ -21,7 +21,7 @@ from collector.sampling import SamplingParams, sample_pair
 from tests.conftest import RunningApp
 
 VOTES = 64
-ANNOTATORS = ["ann1", "ann2", "ann3", "ann4"]
+ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
 # Measured on this machine (README, "Rounds"): after one round on 64 such votes with the app's
 # defaults the adapter won 34 of 36 held-out comparisons (0.96); after 40 votes, only 0.56.
@@ -100,7 +100,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
             return pair.answers
 
         jobs = list(enumerate(p for p in HELDOUT for _ in range(3)))
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(compare, jobs))
         verdicts = [prefers(a, b) for a, b in answers]
         wins, losses, ties = (verdicts.count(v) for v in ("left", "right", "tie"))
