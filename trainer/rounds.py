@@ -173,9 +173,8 @@ def split_votes(rows: list[dict[str, Any]], after: int, cfg: RoundConfig
     """(train, held-out) for a round over ``rows`` (every vote up to the watermark, oldest first):
     it trains on the votes after ``after``, and scores every held-out vote so far, not only the new
     ones: the gate judges the adapter on more pairs than one round's tenth."""
-    train, _ = build_pairs([r for r in rows if r["vote_id"] > after], cfg.heldout_fraction)
-    _, heldout = build_pairs(rows, cfg.heldout_fraction)
-    return train, scored(heldout, cfg.max_heldout_pairs)
+    train, heldout = build_pairs(rows, cfg.heldout_fraction)
+    return [p for p in train if p["vote_id"] > after], scored(heldout, cfg.max_heldout_pairs)
 
 
 def sha256_dir(path: Path) -> str:
