@@ -152,6 +152,23 @@ def setup_logging(level: str, data_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def skip_spaces_hot_reload() -> bool:
+    """On a Space, gradio starts a hot-reload watcher for the Gradio SDK's dev mode. It needs the
+    `spaces` package; without it the watcher thread dies with a RuntimeError traceback in the
+    Space's log although the app serves normally. PrefLoop is a Docker Space and does not hot-reload,
+    so the watcher is made a no-op there. Returns whether it was (gradio is pinned; if the hook moves,
+    nothing is patched and the harmless traceback comes back)."""
+    import importlib.util
+
+    import gradio.http_server as hs
+    from gradio.utils import get_space
+
+    if get_space() is None or importlib.util.find_spec("spaces") is not None or not hasattr(hs, "watchfn_spaces"):
+        return False
+    hs.watchfn_spaces = lambda reloader: None
+    return True
+
+
 @dataclass
 class App:
     """The running services, so that shutdown can stop them in order."""
@@ -254,6 +271,7 @@ def build(args: argparse.Namespace) -> App:
                     admin.build(demo, admin_tab, store, rounds, scheduler, serving, hub, who, admins)
             annotate.build_api(svc, who)
         demo.queue(default_concurrency_limit=16)
+        skip_spaces_hot_reload()
         _, url, _ = demo.launch(
             server_name=args.host, server_port=args.port, auth=users.check if users else None,
             prevent_thread_lock=True,

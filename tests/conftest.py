@@ -64,17 +64,24 @@ def engine(smollm2_dir, tmp_path_factory) -> Iterator[Engine]:
     eng.close()
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+READY = "Press Ctrl-C to stop."  # app.py prints it last, once the scheduler and Hub sync run too
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until the app prints its ready line and answers HTTP. Gradio answers before `launch`
+    returns, so HTTP alone races the app's own start-up lines (a CI run read the log too early)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(1)
-    raise RuntimeError(f"app did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+        if READY in log.read_text(errors="replace"):
+            try:
+                httpx.get(url, timeout=2)
+                return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.5)
+    raise RuntimeError(f"app was not ready within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 class RunningApp:
@@ -98,7 +105,7 @@ class RunningApp:
         ]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})
-        _wait_http(self.url, self.proc, self.log)
+        _wait_ready(self.url, self.proc, self.log)
 
     def client(self, user: str = "alice"):
         from gradio_client import Client

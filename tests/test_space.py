@@ -192,6 +192,7 @@ def space_app(engine, smollm2_dir, tmp_path_factory):
 def test_on_a_space_the_app_signs_people_in_with_hugging_face(space_app):
     log = space_app.log.read_text()
     assert "sign in with Hugging Face" in log
+    assert "Traceback" not in log, log  # gradio's Spaces hot-reload watcher, without `spaces`, used to crash
     http_client = httpx.Client(base_url=space_app.url, timeout=30)
     assert "hf-login" in http_client.get("config").text  # the page is open; the login button is on it
     r = http_client.get("login/huggingface", follow_redirects=False)
