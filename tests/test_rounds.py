@@ -192,3 +192,41 @@ def test_a_round_scores_every_heldout_vote_so_far_and_trains_on_the_new_ones():
     assert not {p["prompt"][0]["content"] for p in held} & {p["prompt"][0]["content"] for p in train}
     newest = split_votes(rows, 200, RoundConfig(heldout_fraction=0.2, max_heldout_pairs=5))[1]
     assert [p["vote_id"] for p in newest] == [p["vote_id"] for p in held][-5:]
+
+
+def test_the_gate_generates_in_one_padded_batch_as_it_would_one_prompt_at_a_time(smollm2_dir):
+    """The KL estimate and the gate's samples run all prompts in one left-padded batch: a padded
+    row must score exactly as it does alone, and an untrained adapter must be at KL 0."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.ipo import LORA_TARGETS, _answer_logps, _encode, _kl_estimate, _samples
+    from trainer.rounds import SAMPLE_PROMPTS
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    prompts = ["Hi.", SAMPLE_PROMPTS[1]]  # different lengths: the short one is left-padded
+    batch = _encode(tok, prompts, "cpu")
+    assert (batch["attention_mask"][0] == 0).any() and (batch["attention_mask"][1] == 1).all()
+    answer = tok(" The sky looks blue.", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    seqs = torch.cat([batch["input_ids"], answer.expand(2, -1)], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, answer.shape[1], dtype=torch.long)], dim=1)
+    n = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        padded = _answer_logps(model, seqs, mask, n)
+        for i, p in enumerate(prompts):
+            alone = _encode(tok, [p], "cpu")["input_ids"]
+            one = torch.cat([alone, answer], dim=1)
+            assert torch.allclose(padded[i], _answer_logps(model, one, torch.ones_like(one), alone.shape[1]),
+                                  atol=1e-3)
+    together = _samples(model, tok, prompts, max_new_tokens=12)
+    assert together == [_samples(model, tok, [p], max_new_tokens=12)[0] for p in prompts] and all(together)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    kl = _kl_estimate(peft_model, tok, prompts, max_new_tokens=8)  # lora_B starts at zero: policy == base
+    assert kl["kl_answers"] == 4 and abs(kl["kl_per_token"]) < 1e-6
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert _kl_estimate(peft_model, tok, prompts, max_new_tokens=8)["kl_per_token"] > 1e-3

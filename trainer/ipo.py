@@ -306,10 +306,12 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     # peft nests a non-"default" selection in a subfolder; "default" lands at the top.
     if result["weights_finite"]:  # a diverged adapter is refused anyway; sampling it would crash
-        result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
-        result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
-        with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
-            result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
+        # The gate's generations in the precision the round trained in (2x faster on a bf16 CPU).
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=_bf16(cfg)):
+            result.update(_kl_estimate(trainer.model, tokenizer, cfg.sample_prompts, seed=cfg.seed))
+            result["samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
+            with trainer.model.disable_adapter():  # the base, for the degeneration gate's comparison
+                result["base_samples"] = _samples(trainer.model, tokenizer, cfg.sample_prompts)
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"event": "result", **{k: v for k, v in result.items() if "samples" not in k}}) + "\n")
     (work / "result.json").write_text(json.dumps(result))
@@ -343,32 +345,42 @@ def _inject_nan(model) -> None:
                 return
 
 
-def _encode(tokenizer, prompt: str, device):
-    """One user turn through the chat template, ready for ``generate``."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(device)
+def _encode(tokenizer, prompts: list[str], device):
+    """User turns through the chat template, left-padded into one batch for ``generate``: on a
+    CPU one batched call costs about what a single prompt does (decoding is latency-bound)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer.apply_chat_template(
+            [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, padding=True,
+            return_tensors="pt", return_dict=True,
+        ).to(device)
+    finally:
+        tokenizer.padding_side = side
 
 
 def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
     """Greedy answers from the trained policy, for the degeneration gate."""
     import torch
 
+    if not prompts:
+        return []
     model.eval()
-    out = []
-    for p in prompts:
-        ids = _encode(tokenizer, p, model.device)
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
-    return out
+    ids = _encode(tokenizer, prompts, model.device)
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(gen[:, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _answer_logps(model, seqs, prompt_len: int):
-    """Per-token log-probs of ``seqs[:, prompt_len:]`` under ``model`` (its active adapter)."""
+def _answer_logps(model, seqs, mask, prompt_len: int):
+    """Per-token log-probs of ``seqs[:, prompt_len:]`` under ``model`` (its active adapter). Rows
+    are left-padded: ``mask`` hides the padding and positions count from each row's first token."""
     import torch
 
-    logits = model(input_ids=seqs, attention_mask=torch.ones_like(seqs)).logits[:, prompt_len - 1 : -1].float()
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=seqs, attention_mask=mask, position_ids=positions).logits
+    logits = logits[:, prompt_len - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
 
 
@@ -385,25 +397,23 @@ def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int =
     model.eval()
     ref_name = "ref" if "ref" in getattr(model, "peft_config", {}) else None
     torch.manual_seed(seed)
-    per_answer, tokens = [], 0
-    for p in prompts:
-        ids = _encode(tokenizer, p, model.device)
-        n = ids["input_ids"].shape[1]
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                                 top_k=0, num_return_sequences=samples_per_prompt,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answer = gen[:, n:]
-            answer_mask = (answer != tokenizer.pad_token_id).float()
-            if tokenizer.pad_token_id == tokenizer.eos_token_id:  # keep the first EOS: it was sampled
-                answer_mask = torch.cat([torch.ones_like(answer_mask[:, :1]), answer_mask[:, :-1]], dim=1)
-
-            policy = _answer_logps(model, gen, n)
-            with use_adapter(model, ref_name):
-                ref = _answer_logps(model, gen, n)
-        diff = ((policy - ref) * answer_mask).sum(dim=1)
-        per_answer.extend(diff.tolist())
-        tokens += int(answer_mask.sum())
+    ids = _encode(tokenizer, prompts, model.device)
+    n = ids["input_ids"].shape[1]
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                             top_k=0, num_return_sequences=samples_per_prompt,
+                             pad_token_id=tokenizer.pad_token_id)
+        answer = gen[:, n:]
+        answer_mask = (answer != tokenizer.pad_token_id).long()
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:  # keep the first EOS: it was sampled
+            answer_mask = torch.cat([torch.ones_like(answer_mask[:, :1]), answer_mask[:, :-1]], dim=1)
+        prompt_mask = ids["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)
+        mask = torch.cat([prompt_mask, answer_mask], dim=1)
+        policy = _answer_logps(model, gen, mask, n)
+        with use_adapter(model, ref_name):
+            ref = _answer_logps(model, gen, mask, n)
+    per_answer = ((policy - ref) * answer_mask).sum(dim=1).tolist()
+    tokens = int(answer_mask.sum())
     kl = sum(per_answer) / len(per_answer)
     return {"kl_estimate": kl, "kl_per_token": sum(per_answer) / max(1, tokens), "kl_answers": len(per_answer)}
 
