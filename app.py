@@ -51,7 +51,8 @@ def auth_mode(args: argparse.Namespace, env: dict[str, str] | None = None) -> st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from trainer.ipo import TrainConfig  # stdlib-only at import: the defaults live in one place
+    from trainer.ipo import TrainConfig  # light at import (no torch): the defaults live in one place
+    from trainer.rounds import RoundConfig
 
     p = argparse.ArgumentParser(
         prog="python app.py",
@@ -112,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start a round when this many new usable votes arrived (0: off)")
     g.add_argument("--round-every-minutes", type=float, default=0.0, help="also start one this often (0: off)")
     g.add_argument("--beta", type=float, default=TrainConfig.beta, help="IPO beta (tau); see README, Rounds")
-    g.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate, help="LoRA learning rate")
+    g.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
+                   help="LoRA learning rate of a round from the base (the first round)")
+    g.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
+                   help="LoRA learning rate of a round that continues the serving adapter; see README, Rounds")
     g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
     g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
@@ -241,7 +245,8 @@ def build(args: argparse.Namespace) -> App:
         serving.restore()
         engine.start_watchdog()
         quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
-        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher), train=TrainConfig(
+        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher),
+                                continue_learning_rate=args.continue_learning_rate, train=TrainConfig(
             beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r,
             quantize=quantize))
         scheduler = Scheduler(

@@ -146,6 +146,24 @@ def test_too_few_pairs_is_refused_with_the_count(trained):
         rounds.run(RoundConfig())
 
 
+def test_the_next_round_continues_the_served_adapter_as_its_reference_at_the_continue_rate(trained):
+    """Iterative IPO: round 2 starts from round 1's adapter with that adapter as the reference, so
+    its first loss is IPO's start value again (against the base it would not be: round 1 moved
+    the policy), it trains on the new votes only, and at ``continue_learning_rate``."""
+    store, rounds, first, _ = trained
+    _seed_votes(store, 4)  # votes 9..12
+    cfg = RoundConfig(heldout_fraction=0.0, continue_learning_rate=2e-4,
+                      train=TrainConfig(beta=0.1, epochs=1, learning_rate=5e-4, max_length=128))
+    progress = []
+    manifest = rounds.run(cfg, on_progress=progress.append, init_adapter=str(rounds.adapters / first["adapter"]))
+    steps = [r for r in progress if "loss" in r]
+    assert manifest["after"] == 8 and manifest["watermark"] == 12 and manifest["train_pairs"] == 4
+    assert manifest["init"].endswith(first["adapter"]) and manifest["learning_rate"] == 2e-4
+    assert {r["learning_rate"] for r in steps} == {2e-4}
+    assert steps[0]["loss"] == pytest.approx(1 / (4 * 0.1**2), rel=1e-4)  # policy == reference (round 1)
+    assert first["metrics"]["train_loss"] < 20  # ... while round 1 had moved far from the base
+
+
 def test_the_accuracy_bound_matches_its_closed_forms():
     from trainer.rounds import accuracy_upper_bound, binomial_cdf
 

@@ -33,7 +33,10 @@ def _round_args(p: argparse.ArgumentParser) -> None:
                    help="previous: continue the serving adapter on new votes; fresh: new adapter on all votes")
     p.add_argument("--loss", choices=["ipo", "sigmoid"], default="ipo", help="ipo, or sigmoid for DPO")
     p.add_argument("--beta", type=float, default=TrainConfig.beta)
-    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
+                   help="learning rate of a round from the base (the first, or --init fresh)")
+    p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
+                   help="learning rate of a round that continues the serving adapter (README, Rounds)")
     p.add_argument("--epochs", type=float, default=TrainConfig.epochs)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -57,7 +60,8 @@ def _config(args: argparse.Namespace) -> RoundConfig:
     train = TrainConfig(loss=args.loss, beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs,
                         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, quantize=args.quantize)
-    return RoundConfig(init=args.init, min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
+    return RoundConfig(init=args.init, continue_learning_rate=args.continue_learning_rate,
+                       min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
                        min_heldout_accuracy=args.min_heldout_accuracy,
                        heldout_confidence=args.heldout_confidence, launcher=shlex.split(args.launcher),
                        train=train)

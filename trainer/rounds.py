@@ -41,6 +41,10 @@ class RoundConfig:
     Fields:
         init (str, default "previous"): "previous" continues the serving adapter (iterative IPO,
             pairs since the last round); "fresh" trains a new adapter from the base on all pairs.
+        continue_learning_rate (float | None, default 1e-4): the learning rate of a round that
+            continues an adapter (``train.learning_rate`` is for rounds from the base); None: the
+            same for both. Measured (README, "Rounds"): a round continuing round 1 at round 1's
+            3e-4 drifted into repetition and the gate refused it, so every later round would have.
         min_pairs (int, default 4): fewest training pairs worth a round.
         heldout_fraction (float, default 0.1): share of prompts held out for evaluation.
         min_heldout_accuracy (float, default 0.5): gate: the floor for held-out accuracy, measured
@@ -67,6 +71,7 @@ class RoundConfig:
     """
 
     init: str = "previous"
+    continue_learning_rate: float | None = 1e-4
     min_pairs: int = 4
     heldout_fraction: float = 0.1
     min_heldout_accuracy: float = 0.5
@@ -330,14 +335,17 @@ class Rounds:
         work = self.work / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        tcfg = TrainConfig(**{**asdict(cfg.train), "sample_prompts": SAMPLE_PROMPTS[: cfg.sample_prompts]})
+        lr = cfg.continue_learning_rate if init and cfg.continue_learning_rate is not None else cfg.train.learning_rate
+        tcfg = TrainConfig(**{**asdict(cfg.train), "learning_rate": lr,
+                              "sample_prompts": SAMPLE_PROMPTS[: cfg.sample_prompts]})
         spec = TrainSpec(self.base_model, str(work), train, heldout, init, tcfg)
         spec.save(work / "spec.json")
         manifest: dict[str, Any] = {
             "round": round_id, "adapter": name, "watermark": watermark, "after": after,
             "init": init, "base_model": self.base_model, "config": asdict(cfg),
             "source": "dataset" if seed_pairs is not None else "votes",
-            "train_pairs": len(train), "heldout_pairs": len(heldout), "started_at": time.time(),
+            "train_pairs": len(train), "heldout_pairs": len(heldout), "learning_rate": lr,
+            "started_at": time.time(),
         }
         try:
             result = self._train_subprocess(work, cfg.timeout_s, on_progress, cfg.launcher)
