@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -66,6 +67,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-round figures here")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "collector.sampling"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     data = args.data_dir or Path(tempfile.mkdtemp(prefix="prefloop-iterative-"))
     data.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,7 @@ def main() -> None:
             row = {
                 "round": r, "verdict": manifest["status"], "reason": manifest.get("reason", ""),
                 "init": "previous" if init else "base",
-                "learning_rate": manifest["config"]["train"]["learning_rate"],
+                "learning_rate": manifest["learning_rate"],
                 "train_pairs": manifest["train_pairs"], "heldout_pairs": m.get("heldout_pairs"),
                 "heldout_correct": m.get("heldout_correct"), "kl_per_token": m.get("kl_per_token"),
                 "distinct_2": statistics.mean(distinct_n(a) for a in now),
