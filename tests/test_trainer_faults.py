@@ -1,4 +1,4 @@
-"""Rounds that must not promote: a forced NaN, a failed gate, a trainer killed mid-round.
+"""Rounds that must not promote: a forced NaN, a failed gate, a full disk, a trainer killed mid-round.
 Each leaves the serving adapter unchanged and records why.
 
     .venv/bin/python -m pytest tests/test_trainer_faults.py
@@ -54,6 +54,27 @@ def test_a_failed_gate_is_not_promoted_and_says_why(data):
     assert met["heldout_pairs"] > 0 and 0 <= met["heldout_correct"] <= met["heldout_pairs"]
     assert met["heldout_accuracy"] == met["heldout_correct"] / met["heldout_pairs"]
     assert rounds.all_rounds()[-1]["status"] == "rejected"
+    _nothing_promoted(rounds, store)
+
+
+def test_a_full_disk_at_promotion_fails_the_round_and_leaves_nothing_half_written(data, monkeypatch):
+    """The disk fills while the adapter is being written. A fake: a full filesystem cannot be
+    made here without root, so the fsync of the copied adapter raises ENOSPC as the kernel would;
+    the training, the copy and everything around them are real."""
+    import errno
+
+    import trainer.rounds
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    _, store, rounds = data
+    monkeypatch.setattr(trainer.rounds, "fsync_tree", full)
+    m = rounds.run(RoundConfig(heldout_fraction=0.0, train=TrainConfig(**SMALL)))
+    assert m["status"] == "failed"
+    assert "could not write the adapter" in m["reason"] and "No space left on device" in m["reason"]
+    assert rounds.all_rounds()[-1]["status"] == "failed"
+    assert not list(rounds.adapters.iterdir())  # no half-written copy either
     _nothing_promoted(rounds, store)
 
 

@@ -439,9 +439,13 @@ class Rounds:
             raise RoundError(f"{dst} already exists; promoted adapters are immutable")
         tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        fsync_tree(tmp)
-        digest = sha256_dir(tmp)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
+        try:
+            shutil.copytree(src, tmp)
+            fsync_tree(tmp)
+            digest = sha256_dir(tmp)
+            os.replace(tmp, dst)
+            fsync_dir(dst.parent)
+        except OSError as e:  # a full disk, say: nothing half-written is left to be served
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RoundError(f"could not write the adapter to {dst.parent}: {e.strerror or e}") from e
         return digest
