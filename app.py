@@ -156,21 +156,19 @@ def setup_logging(level: str, data_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def skip_spaces_hot_reload() -> bool:
+def skip_spaces_hot_reload() -> None:
     """On a Space, gradio starts a hot-reload watcher for the Gradio SDK's dev mode. It needs the
     `spaces` package; without it the watcher thread dies with a RuntimeError traceback in the
     Space's log although the app serves normally. PrefLoop is a Docker Space and does not hot-reload,
-    so the watcher is made a no-op there. Returns whether it was (gradio is pinned; if the hook moves,
-    nothing is patched and the harmless traceback comes back)."""
+    so the watcher is made a no-op there (gradio is pinned; if the hook moves, nothing is patched
+    and the harmless traceback comes back)."""
     import importlib.util
 
     import gradio.http_server as hs
     from gradio.utils import get_space
 
-    if get_space() is None or importlib.util.find_spec("spaces") is not None or not hasattr(hs, "watchfn_spaces"):
-        return False
-    hs.watchfn_spaces = lambda reloader: None
-    return True
+    if get_space() is not None and importlib.util.find_spec("spaces") is None and hasattr(hs, "watchfn_spaces"):
+        hs.watchfn_spaces = lambda reloader: None
 
 
 @dataclass
