@@ -36,10 +36,15 @@ from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, Rounds, distinct_n
 
 
+def vllm_model(engine: Engine, served: str) -> str | None:
+    """What to ask vLLM for: None is the engine's serving default (the base here)."""
+    return None if served == BASE else engine.vllm_name(served)
+
+
 def answers(engine: Engine, model: str, prompts: list[str], seeds: int, params: SamplingParams) -> list[str]:
     """One answer per (prompt, seed), the first of a sampled pair."""
     jobs = [(q, 7000 + 10 * i + s) for i, q in enumerate(prompts) for s in range(seeds)]
-    name = None if model == BASE else engine.vllm_name(model)
+    name = vllm_model(engine, model)
 
     def one(job):
         q, seed = job
@@ -89,12 +94,10 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             t0 = time.time()
             batch = [prompts[(i + (r - 1) * args.votes) % len(prompts)] for i in range(args.votes)]
-            name = None if served == BASE else engine.vllm_name(served)
-
-            def vote(job, name=name, r=r, served=served):
+            def vote(job, r=r, served=served):
                 i, q = job
                 msgs = [{"role": "user", "content": q}]
-                pair = sample_pair(engine, msgs, params, seed=100_000 * r + i, model=name)
+                pair = sample_pair(engine, msgs, params, seed=100_000 * r + i, model=vllm_model(engine, served))
                 left, right = pair.answers
                 pid = store.issue_pair(
                     annotator=f"ann{i % 8}", prompt_id=store.prompt_id(q), messages=msgs, answer_left=left,
