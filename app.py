@@ -117,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA learning rate of a round from the base (the first round)")
     g.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
                    help="LoRA learning rate of a round that continues the serving adapter; see README, Rounds")
-    g.add_argument("--epochs", type=float, default=2.0, help="epochs per round")
+    g.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
+                   help="weight of the chosen answers' NLL added to IPO; see README, Rounds")
+    g.add_argument("--epochs", type=float, default=TrainConfig.epochs, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
     g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
                    help='run rounds under a launcher, e.g. "accelerate launch --num_processes 4" to train on 4 GPUs '
@@ -245,8 +247,8 @@ def build(args: argparse.Namespace) -> App:
         quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
         round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher),
                                 continue_learning_rate=args.continue_learning_rate, train=TrainConfig(
-            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, lora_r=args.lora_r,
-            quantize=quantize))
+            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, sft_weight=args.sft_weight,
+            lora_r=args.lora_r, quantize=quantize))
         scheduler = Scheduler(
             rounds, round_cfg,
             ScheduleConfig(min_new_votes=args.round_every_votes, every_minutes=args.round_every_minutes),

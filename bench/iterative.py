@@ -68,7 +68,9 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate)
     p.add_argument("--beta", type=float, default=TrainConfig.beta)
+    p.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight)
     p.add_argument("--seeds", type=int, default=3, help="seeds per held-out prompt")
+    p.add_argument("--vote-seed", type=int, default=0, help="another draw of the voted pairs (0: the README's)")
     p.add_argument("--data-dir", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-round figures here")
     args = p.parse_args()
@@ -83,7 +85,8 @@ def main() -> None:
     store = VoteStore(data / "votes.db")
     rounds = Rounds(store, data, base)
     cfg = RoundConfig(continue_learning_rate=args.continue_learning_rate,
-                      train=TrainConfig(beta=args.beta, learning_rate=args.learning_rate))
+                      train=TrainConfig(beta=args.beta, learning_rate=args.learning_rate,
+                                        sft_weight=args.sft_weight))
     prompts = read_prompt_file(BUNDLED)
     assert not set(HELDOUT) & set(prompts)
     engine = Engine.launch(EngineConfig(model=base, log_path=data / "vllm.log"))
@@ -97,7 +100,8 @@ def main() -> None:
             def vote(job, r=r, served=served):
                 i, q = job
                 msgs = [{"role": "user", "content": q}]
-                pair = sample_pair(engine, msgs, params, seed=100_000 * r + i, model=vllm_model(engine, served))
+                seed = 100_000 * r + i + 1_000_000 * args.vote_seed
+                pair = sample_pair(engine, msgs, params, seed=seed, model=vllm_model(engine, served))
                 left, right = pair.answers
                 pid = store.issue_pair(
                     annotator=f"ann{i % 8}", prompt_id=store.prompt_id(q), messages=msgs, answer_left=left,

@@ -37,6 +37,8 @@ def _round_args(p: argparse.ArgumentParser) -> None:
                    help="learning rate of a round from the base (the first, or --init fresh)")
     p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
                    help="learning rate of a round that continues the serving adapter (README, Rounds)")
+    p.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
+                   help="weight of the chosen answers' NLL added to the preference loss (README, Rounds)")
     p.add_argument("--epochs", type=float, default=TrainConfig.epochs)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -58,8 +60,9 @@ def _round_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> RoundConfig:
     train = TrainConfig(loss=args.loss, beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs,
-                        max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, quantize=args.quantize)
+                        sft_weight=args.sft_weight, max_steps=args.max_steps, batch_size=args.batch_size,
+                        max_length=args.max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                        quantize=args.quantize)
     return RoundConfig(init=args.init, continue_learning_rate=args.continue_learning_rate,
                        min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
                        min_heldout_accuracy=args.min_heldout_accuracy,

@@ -98,7 +98,8 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
             steps = [r for r in job.progress if "loss" in r]
             if steps:
                 r = steps[-1]
-                prog = (f"Round ({job.reason}): step {r['step']}/{r['max_steps']}, loss {r['loss']:.3f}, "
+                ipo = f" (IPO term {r['ipo/loss']:.3f})" if "ipo/loss" in r else ""
+                prog = (f"Round ({job.reason}): step {r['step']}/{r['max_steps']}, loss {r['loss']:.3f}{ipo}, "
                         f"accuracy {r.get('ipo/accuracy', r.get('rewards/accuracies', 0)):.2f}, "
                         f"margin/token {r.get('ipo/margin', 0):.3f}")
             else:
