@@ -152,11 +152,12 @@ def test_too_few_pairs_is_refused_with_the_count(trained):
 def test_the_next_round_continues_the_served_adapter_as_its_reference_at_the_continue_rate(trained):
     """Iterative IPO: round 2 starts from round 1's adapter with that adapter as the reference, so
     its first loss is IPO's start value again (against the base it would not be: round 1 moved
-    the policy), it trains on the new votes only, and at ``continue_learning_rate``."""
+    the policy), it trains on the new votes only, and at ``continue_learning_rate``. Trained on
+    IPO alone (no NLL term), its ``ipo/loss`` must equal TRL's own loss at every step."""
     store, rounds, first, _ = trained
     _seed_votes(store, 4)  # votes 9..12
     cfg = RoundConfig(heldout_fraction=0.0, continue_learning_rate=2e-4,
-                      train=TrainConfig(beta=0.1, epochs=1, learning_rate=5e-4, max_length=128))
+                      train=TrainConfig(beta=0.1, epochs=1, learning_rate=5e-4, max_length=128, sft_weight=0.0))
     progress = []
     manifest = rounds.run(cfg, on_progress=progress.append, init_adapter=str(rounds.adapters / first["adapter"]))
     steps = [r for r in progress if "loss" in r]
@@ -164,6 +165,8 @@ def test_the_next_round_continues_the_served_adapter_as_its_reference_at_the_con
     assert manifest["init"].endswith(first["adapter"]) and manifest["learning_rate"] == 2e-4
     assert {r["learning_rate"] for r in steps} == {2e-4}
     assert steps[0]["ipo/loss"] == pytest.approx(1 / (4 * 0.1**2), rel=1e-4)  # policy == reference (round 1)
+    # IPO alone (sft_weight 0): TRL's loss is the IPO term, step by step.
+    assert [r["loss"] for r in steps] == pytest.approx([r["ipo/loss"] for r in steps], rel=1e-3)
     assert first["metrics"]["train_loss"] < 20  # ... while round 1 had moved far from the base
 
 
