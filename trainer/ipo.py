@@ -1,4 +1,5 @@
-"""One IPO training run: TRL DPOTrainer(loss_type=["ipo"]) on a peft LoRA adapter.
+"""One IPO training run: TRL DPOTrainer(loss_type=["ipo", "sft"]) on a peft LoRA adapter (the
+"sft" term, the chosen answers' NLL, at ``TrainConfig.sft_weight``; 0 leaves IPO alone).
 
 Run as a subprocess by ``trainer.rounds`` (``python -m trainer.ipo SPEC.json``) so that a crash,
 an OOM kill or a SIGKILL cannot take the app or a half-written adapter with it. Metrics go to
