@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
                    help="weight of the chosen answers' NLL added to IPO; see README, Rounds")
     g.add_argument("--epochs", type=float, default=TrainConfig.epochs, help="epochs per round")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank of new adapters")
+    g.add_argument("--lora-r", type=int, default=TrainConfig.lora_r, help="LoRA rank of new adapters")
     g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
                    help='run rounds under a launcher, e.g. "accelerate launch --num_processes 4" to train on 4 GPUs '
                    "(env PREFLOOP_TRAINER_LAUNCHER)")

@@ -249,10 +249,11 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         )
 
     cuda = torch.cuda.is_available()
+    losses = {cfg.loss: 1.0, "sft": cfg.sft_weight} if cfg.sft_weight else {cfg.loss: 1.0}
     args = DPOConfig(
         output_dir=str(work / "trl"),
-        loss_type=[cfg.loss, "sft"] if cfg.sft_weight else [cfg.loss],
-        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
+        loss_type=list(losses),
+        loss_weights=list(losses.values()),
         beta=cfg.beta,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
