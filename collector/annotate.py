@@ -118,7 +118,7 @@ class Annotation:
             annotator=annotator, prompt_id=prompt_id, messages=messages,
             answer_left=pair.answers[0], answer_right=pair.answers[1],
             model_left=pair.models[0], model_right=pair.models[1], seed=pair.seed,
-            params=pair.params, timings=pair.timings(),
+            params=pair.params, timings=pair.timings(), finish_reasons=pair.finish_reasons,
         )
         logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
         yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}

@@ -116,8 +116,21 @@ def m0004_repeats_and_exclusions(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0005_finish_reasons(conn: sqlite3.Connection) -> None:
+    # Why each answer ended, as vLLM said: "stop" (the model ended its turn) or "length" (cut at
+    # max_tokens). A cut answer is trained without the turn end it never produced. NULL: not
+    # recorded (pairs from before this migration), trained as before, as if it had ended.
+    _run(
+        conn,
+        """
+        ALTER TABLE pairs ADD COLUMN finish_left TEXT;
+        ALTER TABLE pairs ADD COLUMN finish_right TEXT;
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions,
+    m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
 ]
 
 

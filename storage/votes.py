@@ -62,6 +62,7 @@ class StoredPair:
     created_at: float
     repeat_of: str | None = None
     repeat_swapped: bool = False
+    finish_reasons: tuple[str, str] = ("", "")  # vLLM's per side: "stop" | "length"; "" not recorded
 
 
 class GroupCommit:
@@ -200,15 +201,19 @@ class VoteStore:
         seed: int,
         params: dict[str, Any],
         timings: dict[str, Any],
+        finish_reasons: tuple[str, str] = ("", ""),
     ) -> str:
-        """Store a pair shown to ``annotator``; returns its token (the pair id)."""
+        """Store a pair shown to ``annotator``; returns its token (the pair id). ``finish_reasons``
+        are vLLM's per answer ("stop", or "length" when cut at max_tokens); "" stores NULL."""
         token = secrets.token_urlsafe(16)
         row = (token, annotator, prompt_id, json.dumps(messages), answer_left, answer_right,
-               model_left, model_right, seed, json.dumps(params), json.dumps(timings), time.time())
+               model_left, model_right, seed, json.dumps(params), json.dumps(timings), time.time(),
+               finish_reasons[0] or None, finish_reasons[1] or None)
         self._writer.submit(lambda conn: conn.execute(
             """INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right,
-                                 model_left, model_right, seed, params, timings, created_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", row))
+                                 model_left, model_right, seed, params, timings, created_at,
+                                 finish_left, finish_right)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", row))
         return token
 
     def get_pair(self, pair_id: str) -> StoredPair | None:
@@ -222,6 +227,7 @@ class VoteStore:
             model_left=row["model_left"], model_right=row["model_right"], seed=row["seed"],
             params=json.loads(row["params"]), timings=json.loads(row["timings"]),
             created_at=row["created_at"], repeat_of=row["repeat_of"], repeat_swapped=bool(row["repeat_swapped"]),
+            finish_reasons=(row["finish_left"] or "", row["finish_right"] or ""),
         )
 
     # -- repeats (agreement) and exclusions ------------------------------------------------
@@ -244,10 +250,13 @@ class VoteStore:
         token = secrets.token_urlsafe(16)
         left, right = ("answer_right", "answer_left") if swap else ("answer_left", "answer_right")
         mleft, mright = ("model_right", "model_left") if swap else ("model_left", "model_right")
+        fleft, fright = ("finish_right", "finish_left") if swap else ("finish_left", "finish_right")
         self._writer.submit(lambda conn: conn.execute(
             f"""INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right, model_left,
-                                  model_right, seed, params, timings, created_at, repeat_of, repeat_swapped)
-                SELECT ?, ?, prompt_id, messages, {left}, {right}, {mleft}, {mright}, seed, params, timings, ?, id, ?
+                                  model_right, seed, params, timings, created_at, repeat_of, repeat_swapped,
+                                  finish_left, finish_right)
+                SELECT ?, ?, prompt_id, messages, {left}, {right}, {mleft}, {mright}, seed, params, timings, ?, id, ?,
+                       {fleft}, {fright}
                 FROM pairs WHERE id = ?""",
             (token, annotator, time.time(), int(swap), original_id)))
         return token
@@ -345,6 +354,7 @@ class VoteStore:
                 """SELECT v.id AS vote_id, v.pair_id, v.annotator, v.choice, v.latency_ms,
                           v.created_at, p.messages, p.answer_left, p.answer_right,
                           p.model_left, p.model_right, p.seed, p.params, p.repeat_of, p.repeat_swapped,
+                          p.finish_left, p.finish_right,
                           x.annotator IS NOT NULL AS excluded
                    FROM votes v JOIN pairs p ON p.id = v.pair_id
                    LEFT JOIN excluded_annotators x ON x.annotator = v.annotator

@@ -140,3 +140,22 @@ def test_the_per_user_rate_limit_refuses_with_the_wait_and_spares_others(engine,
         svc.next_pair("carol")
     assert svc.next_pair("dave")["pair_id"]  # the limit is per person
     assert store.count_votes() == 0 and len(store.prompts_seen_by("carol")) == 2  # the refusal issued nothing
+
+
+def test_a_pair_keeps_why_each_answer_ended_cut_or_finished(engine, tmp_path, smollm2_dir):
+    from collector.annotate import AnnotateConfig, Annotation
+    from collector.prompts import PromptQueue
+    from collector.sampling import SamplingParams
+    from collector.serving import Serving
+
+    store = VoteStore(tmp_path / "votes.db")
+    serving = Serving(engine, store, tmp_path / "adapters", str(smollm2_dir), 16)
+
+    def pair(max_tokens: int, prompt: str):
+        svc = Annotation(store, PromptQueue(store), serving,
+                         AnnotateConfig(sampling=SamplingParams(max_tokens=max_tokens), repeat_rate=0.0))
+        return store.get_pair(svc.next_pair("erin", prompt=prompt)["pair_id"])
+
+    assert pair(6, "Tell me about the ocean.").finish_reasons == ("length", "length")
+    short = pair(256, "Say hello.")
+    assert short.finish_reasons == ("stop", "stop"), (short.answer_left, short.answer_right)

@@ -13,7 +13,7 @@ import pytest
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
 from storage.votes import VoteStore
-from trainer.data import build_pairs, is_heldout
+from trainer.data import build_pairs, is_heldout, trl_rows
 from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, RoundError, Rounds, distinct_n
 
@@ -31,6 +31,48 @@ def test_ties_become_both_orderings_and_both_bad_is_dropped():
     assert train[1]["chosen_model"] == "round-0001"
     assert train[0]["prompt"] == [{"role": "user", "content": "p"}]
     assert train[0]["chosen"] == [{"role": "assistant", "content": "L"}]
+
+
+def test_an_answer_cut_at_max_tokens_is_flagged_on_its_side_of_every_pair():
+    rows = [{**_row(1, "right"), "finish_left": "length", "finish_right": "stop"},
+            {**_row(2, "tie"), "finish_left": "stop", "finish_right": "length"},
+            _row(3, "left")]  # from before finish reasons were stored: not flagged
+    train, _ = build_pairs(rows, 0.0)
+    got = [(p["vote_id"], p["chosen"][0]["content"], p["chosen_cut"], p["rejected_cut"]) for p in train]
+    assert got == [(1, "R", False, True), (2, "L", False, True), (2, "R", True, False), (3, "L", False, False)]
+    assert trl_rows(train)[0] == {"prompt": train[0]["prompt"], "chosen": train[0]["chosen"],
+                                  "rejected": train[0]["rejected"], "chosen_cut": False, "rejected_cut": True}
+
+
+def test_a_cut_answer_is_tokenised_without_the_turn_end_and_a_finished_one_with_it(smollm2_dir, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from trainer.ipo import LORA_TARGETS, _trainer_class
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    prompt = [{"role": "user", "content": "Tell me about tea."}]
+    texts = ["Tea is a drink made from", "Tea is a drink.", " 1. **Green** tea\n2. Black", "Black tea."]
+    pairs = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": r}], "chosen_cut": cc, "rejected_cut": rc}
+             for c, r, cc, rc in [(texts[0], texts[1], True, False), (texts[1], texts[2], False, True),
+                                  (texts[3], texts[1], False, False)]]
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=128)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(trl_rows(pairs)),
+                               processing_class=tok,
+                               peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    turn_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for row, pair in zip(trainer.train_dataset, pairs, strict=True):
+        for side in ("chosen", "rejected"):
+            ids, text = row[f"{side}_ids"], pair[side][0]["content"]
+            if pair[f"{side}_cut"]:
+                assert tok.decode(ids) == text and turn_end not in ids
+            else:
+                assert tok.decode(ids) == text + "<|im_end|>\n" and ids[-2] == turn_end
+    assert trainer.train_dataset["turn_end_unmatched"] == [0, 0, 0]
 
 
 def test_heldout_slice_is_stable_and_keeps_a_prompt_on_one_side():
@@ -60,7 +102,8 @@ def _seed_votes(store: VoteStore, n: int) -> None:
         pid = store.issue_pair(
             annotator="alice", prompt_id=store.prompt_id(text), messages=[{"role": "user", "content": text}],
             answer_left=CHOSEN if i % 2 else REJECTED, answer_right=REJECTED if i % 2 else CHOSEN,
-            model_left="base", model_right="base", seed=i, params={}, timings={})
+            model_left="base", model_right="base", seed=i, params={}, timings={},
+            finish_reasons=("stop", "length") if i % 2 else ("length", "stop"))  # the rambler was cut
         store.record_vote(pid, "alice", "left" if i % 2 else "right")
 
 
@@ -100,6 +143,7 @@ def test_round_is_promoted_atomically_with_a_manifest(trained):
     on_disk = json.loads((rounds.manifests / f"{manifest['adapter']}.json").read_text())
     assert on_disk["sha256"] == manifest["sha256"] and len(on_disk["sha256"]) == 64
     assert on_disk["watermark"] == 8 and on_disk["train_pairs"] == 8
+    assert on_disk["metrics"]["cut_answers"] == 8  # every vote's rambling side was cut at max_tokens
 
 
 def test_base_weights_are_unchanged_by_a_round(trained, smollm2_dir):

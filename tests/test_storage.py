@@ -67,3 +67,36 @@ def test_schema_refuses_an_invalid_choice_even_without_the_api(tmp_path):
     conn = connect(tmp_path / "votes.db")
     with pytest.raises(sqlite3.IntegrityError):
         conn.execute("INSERT INTO votes(pair_id, annotator, choice, created_at) VALUES (?, 'alice', 'meh', 0)", (pid,))
+
+
+def test_finish_reasons_are_kept_with_the_pair_and_a_swapped_repeat_swaps_them(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    pid = store.issue_pair(
+        annotator="alice", prompt_id=None, messages=[{"role": "user", "content": "q"}], answer_left="cut",
+        answer_right="done.", model_left="base", model_right="base", seed=1, params={}, timings={},
+        finish_reasons=("length", "stop"))
+    assert store.get_pair(pid).finish_reasons == ("length", "stop")
+    store.record_vote(pid, "alice", "right")
+    row = store.votes_with_pairs()[0]
+    assert (row["finish_left"], row["finish_right"]) == ("length", "stop")
+    repeat = store.issue_repeat(pid, "bob", swap=True)
+    assert store.get_pair(repeat).finish_reasons == ("stop", "length")
+    unknown = _pair(store)  # a caller that does not say: NULL, read back as unknown
+    assert store.get_pair(unknown).finish_reasons == ("", "")
+
+
+def test_a_database_from_before_finish_reasons_migrates_with_them_unknown(tmp_path):
+    path = tmp_path / "votes.db"
+    conn = sqlite3.connect(path)
+    for migrate in MIGRATIONS[:4]:
+        migrate(conn)
+    conn.execute("""INSERT INTO pairs(id, annotator, messages, answer_left, answer_right, model_left,
+                    model_right, seed, params, timings, created_at) VALUES ('old', 'a', '[]', 'L', 'R',
+                    'base', 'base', 1, '{}', '{}', 0)""")
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    store = VoteStore(path)
+    assert store.get_pair("old").finish_reasons == ("", "")
+    store.record_vote("old", "a", "left")
+    assert store.votes_with_pairs()[0]["finish_left"] is None

@@ -3,6 +3,10 @@
 A left/right vote gives one pair. A tie gives both orderings: IPO regresses the
 (length-normalised) log-ratio gap to 1/(2*beta) for each ordering, so the two targets cancel and
 the optimum for p = 1/2 is a zero margin. "Both bad" says nothing about the order: dropped.
+
+An answer vLLM cut at max_tokens (finish reason "length") carries ``chosen_cut`` / ``rejected_cut``:
+the trainer leaves the chat template's turn end off it (trainer.ipo), so a round never teaches the
+model to end its turn where it was only stopped.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ def is_heldout(prompt: list[dict[str, str]], fraction: float) -> bool:
 
 def vote_to_pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One vote row (storage.votes.VoteStore.votes_with_pairs) -> 0, 1 or 2 TRL pairs."""
-    left = (row["answer_left"], row["model_left"])
-    right = (row["answer_right"], row["model_right"])
+    left = (row["answer_left"], row["model_left"], row.get("finish_left") == "length")
+    right = (row["answer_right"], row["model_right"], row.get("finish_right") == "length")
     orders = {"left": [(left, right)], "right": [(right, left)], "tie": [(left, right), (right, left)]}
     out = []
-    for (chosen, chosen_by), (rejected, rejected_by) in orders.get(row["choice"], []):
+    for (chosen, chosen_by, chosen_cut), (rejected, rejected_by, rejected_cut) in orders.get(row["choice"], []):
         out.append(
             {
                 "prompt": row["messages"],
@@ -44,6 +48,8 @@ def vote_to_pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
                 "choice": row["choice"],
                 "chosen_model": chosen_by,
                 "rejected_model": rejected_by,
+                "chosen_cut": chosen_cut,
+                "rejected_cut": rejected_cut,
             }
         )
     return out
@@ -71,8 +77,10 @@ def build_pairs(
 
 
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
+CUT_COLUMNS = ("chosen_cut", "rejected_cut")
 
 
 def trl_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the columns DPOTrainer reads."""
-    return [{k: p[k] for k in TRL_COLUMNS} for p in pairs]
+    """The columns DPOTrainer reads, and the cut flags trainer.ipo reads (False where unknown:
+    imported pairs, votes from before finish reasons were stored)."""
+    return [{**{k: p[k] for k in TRL_COLUMNS}, **{k: bool(p.get(k)) for k in CUT_COLUMNS}} for p in pairs]

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.data import CUT_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,6 +122,36 @@ def _metrics_callback(path: Path):
     return JsonlMetrics()
 
 
+def drop_turn_end(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """For each side flagged as cut, keep only the answer's own tokens from TRL's ``<side>_ids``
+    (the answer followed by the chat template's turn end, e.g. ``<|im_end|>\n``): an answer cut at
+    max_tokens never ended its turn, and training the turn end there would teach the model to stop
+    mid-sentence (and, on the rejected side, push the end of turn down everywhere). The answer's
+    tokens are found as a prefix (as is, or stripped as templates that trim render it); failing
+    that, up to the last end-of-sequence token; failing that, left whole and counted."""
+    unmatched = 0
+    for side in ("chosen", "rejected"):
+        if not example[f"{side}_cut"]:
+            continue
+        ids = example[f"{side}_ids"]
+        message = example[side]
+        content = message[-1]["content"] if isinstance(message, list) else message
+        end = None
+        for text in (content, content.strip()):
+            own = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if own and ids[: len(own)] == own:
+                end = len(own)
+                break
+        if end is None and tokenizer.eos_token_id in ids:
+            end = len(ids) - 1 - ids[::-1].index(tokenizer.eos_token_id)
+        if end is None:
+            unmatched += 1
+        else:
+            example[f"{side}_ids"] = ids[:end]
+    example["turn_end_unmatched"] = unmatched
+    return example
+
+
 def _trainer_class():
     """TRL's DPOTrainer plus the length-normalised metrics that IPO actually optimises.
 
@@ -134,6 +166,22 @@ def _trainer_class():
 
     class IPOTrainer(DPOTrainer):
         heldout_counts: dict[str, int]
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """TRL's tokenisation, then the turn end is taken off answers that were cut (trainer.data)."""
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not set(CUT_COLUMNS) <= set(dataset.column_names):
+                return dataset
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            dataset = dataset.map(drop_turn_end, fn_kwargs={"tokenizer": tokenizer},
+                                  desc=f"Leaving the turn end off cut answers in {dataset_name}")
+            cut = sum(sum(dataset[c]) for c in CUT_COLUMNS)
+            unmatched = sum(dataset["turn_end_unmatched"])
+            logger.info("%s: %d cut answers trained without their turn end", dataset_name, cut - unmatched)
+            if unmatched:
+                logger.warning("%s: %d cut answers kept their turn end: the chat template's rendering of the "
+                               "answer did not match the answer's own tokens", dataset_name, unmatched)
+            return dataset
 
         def evaluate(self, *args, **kwargs):
             self.heldout_counts = {"per_token": 0, "summed": 0, "pairs": 0}
@@ -302,6 +350,8 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "train_seconds": train_s,
         "steps": out.global_step,
         "train_pairs": len(spec.train),
+        # answers cut at max_tokens, trained without the turn end they never produced (trainer.data)
+        "cut_answers": sum(int(p.get("chosen_cut", False)) + int(p.get("rejected_cut", False)) for p in spec.train),
         "heldout_pairs": len(strict_heldout),
         "lora_changed_fraction": changed,
         "weights_finite": all(bool(torch.isfinite(t).all()) for t in after.values()),
