@@ -20,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from collector.sampling import SamplingParams, sample_pair
 from tests.conftest import RunningApp
 
-VOTES = 64
+VOTES = 96
 ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
-# Measured on this machine (README, "Rounds"): after one round on 64 such votes with the app's
-# defaults the adapter won 34 of 36 held-out comparisons (0.96); after 40 votes, only 0.56.
+# Measured on this machine (README, "Rounds"): one round on 64 such votes won 0.65 to 0.96 of the
+# 36 held-out comparisons depending on the draw of votes (two of six draws, CI's included, under
+# 0.75; after 40 votes, 0.56): most 96-token answers are cut, and two cut answers judged by length
+# say little. Two weak draws merged into 96 votes won 0.85, hence 96 votes here.
 MIN_WIN_RATE = 0.75
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
@@ -71,7 +73,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
         print(f"\n{VOTES} votes in {time.time() - t0:.0f} s: {choices}")
 
         # The schedule starts the round by itself; wait for its verdict and the hot-swap.
-        deadline = time.time() + 600
+        deadline = time.time() + 1200  # about 53 steps: 10 min on a slow CI day
         while time.time() < deadline:
             row = db.execute("SELECT status, adapter, reason FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
             serving = json.loads((db.execute("SELECT value FROM settings WHERE key = 'serving_history'")
