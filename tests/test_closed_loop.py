@@ -26,7 +26,7 @@ MAX_TOKENS = 96
 # Measured on this machine (README, "Rounds"): one round on 64 such votes won 0.65 to 0.96 of the
 # 36 held-out comparisons depending on the draw of votes (two of six draws, CI's included, under
 # 0.75; after 40 votes, 0.56): most 96-token answers are cut, and two cut answers judged by length
-# say little. Two weak draws merged into 96 votes won 0.85, hence 96 votes here.
+# say little. Weak draws topped up to 96 votes won 0.85 and 0.81, hence 96 votes here.
 MIN_WIN_RATE = 0.75
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
