@@ -26,7 +26,10 @@ MAX_TOKENS = 96
 # Measured on this machine (README, "Rounds"): one round on 64 such votes won 0.65 to 0.96 of the
 # 36 held-out comparisons depending on the draw of votes (two of six draws, CI's included, under
 # 0.75; after 40 votes, 0.56): most 96-token answers are cut, and two cut answers judged by length
-# say little. Weak draws topped up to 96 votes won 0.85 and 0.81, hence 96 votes here.
+# say little. Weak draws topped up to 96 votes won 0.85 and 0.81, hence 96 votes here. With 96 a
+# round still spreads: three fresh runs won 0.85, 0.78 and 0.72 here (0.87 and 0.69 on 108
+# comparisons; README, "One round on 96 votes"): this test fails on a share of draws until rounds
+# learn more per vote. The floor stays: a round that barely moves the policy is what it catches.
 MIN_WIN_RATE = 0.75
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
