@@ -172,7 +172,7 @@ def test_a_pair_keeps_why_each_answer_ended_cut_or_finished(engine, tmp_path, sm
         got = pair(128, prompt)
         for answer, reason in zip((got.answer_left, got.answer_right), got.finish_reasons, strict=True):
             n = tokens(answer)
-            assert reason == ("length" if n >= 124 else "stop"), (reason, n, answer)
+            assert reason == ("length" if n >= 118 else "stop"), (reason, n, answer)  # 10 tokens slack
             reasons.append(reason)
         if "stop" in reasons:
             break
