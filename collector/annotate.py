@@ -71,6 +71,14 @@ class AnnotateConfig:
     repeat_rate: float = 0.05
 
 
+def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: tuple[str, str]) -> dict[str, Any]:
+    """A finished pair as the UI and `/next_pair` show it. ``cut_left`` / ``cut_right``: that answer
+    stopped at the token limit (vLLM's finish reason "length"), not where the model ended it, so an
+    annotator can tell an unfinished answer from a complete one."""
+    return {"pair_id": pair_id, "prompt": prompt, "left": answers[0], "right": answers[1],
+            "cut_left": finish_reasons[0] == "length", "cut_right": finish_reasons[1] == "length", "done": True}
+
+
 class Annotation:
     def __init__(self, store: VoteStore, queue: PromptQueue, serving: Serving, config: AnnotateConfig):
         self.store = store
@@ -93,7 +101,7 @@ class Annotation:
 
     def stream_pair(self, annotator: str, prompt: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield ``{"prompt", "left", "right", "done": False}`` while streaming, then the stored pair
-        with its ``pair_id`` and ``done: True``."""
+        as ``shown`` gives it: its ``pair_id``, ``cut_left`` / ``cut_right`` and ``done: True``."""
         if not annotator:
             raise PermissionError("log in first")
         self.limiter.check(annotator)
@@ -121,7 +129,7 @@ class Annotation:
             params=pair.params, timings=pair.timings(), finish_reasons=pair.finish_reasons,
         )
         logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
-        yield {"pair_id": pair_id, "prompt": text, "left": pair.answers[0], "right": pair.answers[1], "done": True}
+        yield shown(pair_id, text, pair.answers, pair.finish_reasons)
 
     def _repeat(self, annotator: str) -> dict[str, Any] | None:
         if self.config.repeat_rate <= 0 or self.rng.random() >= self.config.repeat_rate:
@@ -133,16 +141,16 @@ class Annotation:
         pair = self.store.get_pair(pair_id)
         assert pair is not None
         logger.info("pair %s issued to %s: a repeat of %s", pair_id, annotator, original)
-        return {"pair_id": pair_id, "prompt": pair.messages[-1]["content"], "left": pair.answer_left,
-                "right": pair.answer_right, "done": True}
+        return shown(pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+                     pair.finish_reasons)
 
     def resume(self, annotator: str) -> dict[str, Any] | None:
         """The pair this annotator was shown and has not voted on or skipped (after a reload)."""
         pair = self.store.open_pair(annotator)
         if pair is None:
             return None
-        return {"pair_id": pair.pair_id, "prompt": pair.messages[-1]["content"], "left": pair.answer_left,
-                "right": pair.answer_right, "done": True}
+        return shown(pair.pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+                     pair.finish_reasons)
 
     def skip(self, annotator: str, pair_id: str | None) -> None:
         if pair_id:

@@ -132,6 +132,18 @@ def test_safe_markdown_keeps_code_and_formatting_but_not_html_or_images():
     assert "if a < b:" in out and "`x<y`" in out
 
 
+def test_a_cut_answer_is_shown_with_a_note_under_it_even_inside_an_open_code_fence():
+    from ui.annotate import CUT_NOTE, answer_md
+    from ui.render import safe_markdown
+
+    text = "Here is the code:\n```python\nfor i in range(3):\n    print(i <"
+    assert answer_md(text, cut=False) == safe_markdown(text)
+    shown = answer_md(text, cut=True)
+    assert shown.endswith(f"```\n\n{CUT_NOTE}")  # the fence the cut left open is closed first
+    assert shown.count("```") == 2
+    assert answer_md("A finished `x`.", cut=True) == f"A finished `x`.\n\n{CUT_NOTE}"
+
+
 def test_the_per_user_rate_limit_refuses_with_the_wait_and_spares_others(engine, tmp_path, smollm2_dir):
     from collector.annotate import AnnotateConfig, Annotation, RateLimited
     from collector.prompts import PromptQueue
@@ -163,7 +175,11 @@ def test_a_pair_keeps_why_each_answer_ended_cut_or_finished(engine, tmp_path, sm
     def pair(max_tokens: int, prompt: str):
         svc = Annotation(store, PromptQueue(store), serving,
                          AnnotateConfig(sampling=SamplingParams(max_tokens=max_tokens), repeat_rate=0.0))
-        return store.get_pair(svc.next_pair("erin", prompt=prompt)["pair_id"])
+        shown = svc.next_pair("erin", prompt=prompt)
+        stored = store.get_pair(shown["pair_id"])
+        # what the annotator is told (cut_left / cut_right) is what was stored
+        assert (shown["cut_left"], shown["cut_right"]) == tuple(f == "length" for f in stored.finish_reasons)
+        return stored
 
     from transformers import AutoTokenizer
 

@@ -15,15 +15,18 @@ from tests.conftest import ROOT
 def test_next_pair_and_vote_through_gradio_client_land_in_sqlite(app):
     client = app.client("alice")
     pair = client.predict("", api_name="/next_pair")
-    assert set(pair) >= {"pair_id", "prompt", "left", "right"}
+    assert set(pair) >= {"pair_id", "prompt", "left", "right", "cut_left", "cut_right"}
     assert pair["left"] != pair["right"]
     out = client.predict(pair["pair_id"], "right", api_name="/vote")
     assert out["choice"] == "right"
     with sqlite3.connect(app.data_dir / "votes.db") as conn:
         row = conn.execute(
-            "SELECT v.annotator, v.choice, p.answer_left, p.answer_right FROM votes v JOIN pairs p ON p.id = v.pair_id "
-            "WHERE v.id = ?", (out["vote_id"],)).fetchone()
-    assert row == ("alice", "right", pair["left"], pair["right"])
+            "SELECT v.annotator, v.choice, p.answer_left, p.answer_right, p.finish_left, p.finish_right "
+            "FROM votes v JOIN pairs p ON p.id = v.pair_id WHERE v.id = ?", (out["vote_id"],)).fetchone()
+    assert row[:4] == ("alice", "right", pair["left"], pair["right"])
+    # cut_*: that answer stopped at the token limit (vLLM's finish reason), as stored with the pair
+    assert (pair["cut_left"], pair["cut_right"]) == (row[4] == "length", row[5] == "length")
+    assert row[4] in ("stop", "length") and row[5] in ("stop", "length")
 
 
 def test_a_typed_prompt_is_answered_and_a_replayed_vote_adds_nothing(app):

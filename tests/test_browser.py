@@ -49,13 +49,16 @@ def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
     page.wait_for_selector("#vote-a:not([disabled])", timeout=120_000)
     with sqlite3.connect(app.data_dir / "votes.db") as conn:
         rows = conn.execute(
-            "SELECT v.choice, p.answer_left, p.answer_right FROM votes v JOIN pairs p ON p.id = v.pair_id "
-            "WHERE v.annotator = 'alice' ORDER BY v.id DESC LIMIT 2").fetchall()
-    (kchoice, kleft, kright), (cchoice, cleft, cright) = rows
+            "SELECT v.choice, p.answer_left, p.answer_right, p.finish_left, p.finish_right FROM votes v "
+            "JOIN pairs p ON p.id = v.pair_id WHERE v.annotator = 'alice' ORDER BY v.id DESC LIMIT 2").fetchall()
+    (kchoice, kleft, kright, *_), (cchoice, cleft, cright, *cfinish) = rows
     assert (cchoice, kchoice) == ("left", "right")
     # What the browser showed as A/B is what was stored as left/right (rendered text vs markdown source).
     assert first[0].split()[:3] == cleft.split()[:3] and first[1].split()[:3] == cright.split()[:3]
     assert second[0].split()[:3] == kleft.split()[:3] and second[1].split()[:3] == kright.split()[:3]
+    # An answer that stopped at the token limit says so under it (48 tokens here: most do); a
+    # finished one does not.
+    assert ["cut at the length limit" in shown for shown in first] == [f == "length" for f in cfinish]
     page.close()
 
 

@@ -1,11 +1,11 @@
 """The closed loop, end to end: votes through the API make the served model better in the eyes of
 the same annotator.
 
-Eight scripted annotators with one checkable preference (the shorter answer wins; within 20
-characters it is a tie) vote through `/next_pair` and `/vote` on the real app; the schedule starts
-one IPO round by itself; the gate promotes it and the app hot-swaps it into vLLM. Then, on prompts
-that were never voted on, the served adapter and the base answer with the same seeds, and the
-same annotator judges: the adapter must win clearly.
+Eight scripted annotators with one checkable preference (the shorter answer wins) vote through
+`/next_pair` and `/vote` on the real app; the schedule starts one IPO round by itself; the gate
+promotes it and the app hot-swaps it into vLLM. Then, on prompts that were never voted on, the
+served adapter and the base answer with the same seeds, and the same annotator judges: the
+adapter must win clearly.
 
     .venv/bin/python -m pytest tests/test_closed_loop.py
 """
@@ -20,14 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from collector.sampling import SamplingParams, sample_pair
 from tests.conftest import RunningApp
 
-VOTES = 96
+USABLE_VOTES = 48  # the round starts at this many votes it can train on (not both_bad)
+MAX_PAIRS = 400  # a bound on the voting, in case the answers stopped finishing
 ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
-# Measured on this machine (README, "Rounds"): one round on 64 such votes won 0.65 to 0.96 of the
-# 36 held-out comparisons depending on the draw (most 96-token answers are cut, and two cut answers
-# judged by length say little), hence 96 votes. 96 still spreads: three fresh runs won 0.85, 0.78
-# and 0.72 (README, "One round on 96 votes"), so this test fails on a share of draws until rounds
-# learn more per vote. The floor stays: a round that barely moves the policy is what it catches.
+# SmolLM2 runs past 96 tokens in most answers. Two answers cut at the limit say nothing about which
+# one is shorter, so the annotator calls both bad (not trained on) and votes on until 48 pairs have
+# a finished answer in them. Before, it judged cut answers by their characters: 96 votes held only
+# ~28 with a finished answer and the round won 0.69 to 0.92 of the held-out comparisons by draw
+# (README, "One round on 96 votes"). The floor stays: a round that barely moves the policy is what
+# it catches.
 MIN_WIN_RATE = 0.75
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
@@ -38,8 +40,14 @@ HELDOUT = [  # not in collector/prompts.txt: the round never saw them
 ]
 
 
-def prefers(left: str, right: str) -> str:
-    """The scripted annotator: shorter is better; within 20 characters, a tie."""
+def prefers(left: str, right: str, cut_left: bool, cut_right: bool) -> str:
+    """The scripted annotator: the shorter answer wins. An answer cut at the token limit is longer
+    than any finished one; two cut answers are both bad (neither is short); two finished answers
+    within 20 characters tie."""
+    if cut_left and cut_right:
+        return "both_bad"
+    if cut_left != cut_right:
+        return "right" if cut_left else "left"
     if abs(len(left) - len(right)) < 20:
         return "tie"
     return "left" if len(left) < len(right) else "right"
@@ -50,31 +58,34 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
 
     assert not set(HELDOUT) & set(read_prompt_file(BUNDLED))
     app = RunningApp(tmp_path / "data", engine, smollm2_dir, users=ANNOTATORS, extra=[
-        "--round-every-votes", str(VOTES), "--max-tokens", str(MAX_TOKENS), "--arena-rate", "0"])  # default IPO
+        "--round-every-votes", str(USABLE_VOTES), "--max-tokens", str(MAX_TOKENS), "--arena-rate", "0"])  # default IPO
     try:
         lock = threading.Lock()
-        cast: list[str] = []
+        cast: list[str] = []  # verdicts
 
         def annotate(user: str) -> None:
             client = app.client(user)
             while True:
                 with lock:
-                    if len(cast) >= VOTES:
+                    if sum(v != "both_bad" for v in cast) >= USABLE_VOTES or len(cast) >= MAX_PAIRS:
                         return
-                    cast.append(user)
                 pair = app.call(client, "", api_name="/next_pair")
-                app.call(client, pair["pair_id"], prefers(pair["left"], pair["right"]), api_name="/vote")
+                verdict = prefers(pair["left"], pair["right"], pair["cut_left"], pair["cut_right"])
+                app.call(client, pair["pair_id"], verdict, api_name="/vote")
+                with lock:
+                    cast.append(verdict)
 
         t0 = time.time()
         with ThreadPoolExecutor(len(ANNOTATORS)) as pool:
             list(pool.map(annotate, ANNOTATORS))
         db = sqlite3.connect(app.data_dir / "votes.db")
         choices = dict(db.execute("SELECT choice, COUNT(*) FROM votes GROUP BY choice").fetchall())
-        assert sum(choices.values()) == VOTES
-        print(f"\n{VOTES} votes in {time.time() - t0:.0f} s: {choices}")
+        assert sum(choices.values()) == len(cast)
+        assert len(cast) - choices.get("both_bad", 0) >= USABLE_VOTES, f"{len(cast)} pairs: {choices}"
+        print(f"\n{len(cast)} votes in {time.time() - t0:.0f} s: {choices}")
 
         # The schedule starts the round by itself; wait for its verdict and the hot-swap.
-        deadline = time.time() + 1200  # 56-58 steps: about 8 min here, twice that on a slow day
+        deadline = time.time() + 1200  # ~26 steps: about 5 min here, twice that on a slow day
         while time.time() < deadline:
             row = db.execute("SELECT status, adapter, reason FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
             serving = json.loads((db.execute("SELECT value FROM settings WHERE key = 'serving_history'")
@@ -94,24 +105,27 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
         # Held-out prompts: the served adapter against the base, same seed per comparison. This
         # process's engine handle learns the adapter's vLLM name (same files, same name: no reload).
         engine.load_adapter(adapter, app.data_dir / "adapters" / adapter)
-        def compare(job: tuple[int, str]) -> tuple[str, str]:
+        def compare(job: tuple[int, str]) -> tuple[tuple[str, str], tuple[bool, bool]]:
             i, prompt = job
             pair = sample_pair(engine, [{"role": "user", "content": prompt}],
                                SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9), seed=7000 + i,
                                models=(adapter, "base"))
             assert pair.models == (adapter, "base")
-            return pair.answers
+            return pair.answers, tuple(f == "length" for f in pair.finish_reasons)
 
         jobs = list(enumerate(p for p in HELDOUT for _ in range(3)))
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(compare, jobs))
-        verdicts = [prefers(a, b) for a, b in answers]
-        wins, losses, ties = (verdicts.count(v) for v in ("left", "right", "tie"))
-        win_rate = (wins + ties / 2) / len(verdicts)
-        mean_adapter = statistics.mean(len(a) for a, _ in answers)
-        mean_base = statistics.mean(len(b) for _, b in answers)
-        print(f"held out: adapter {wins} wins, base {losses}, ties {ties}: win rate {win_rate:.2f}; "
-              f"mean length {mean_adapter:.0f} vs {mean_base:.0f} characters; total {time.time() - t0:.0f} s")
+            results = list(pool.map(compare, jobs))
+        verdicts = [prefers(*answers, *cut) for answers, cut in results]
+        wins, losses = verdicts.count("left"), verdicts.count("right")
+        neither = len(verdicts) - wins - losses  # ties and both cut: half a win each
+        win_rate = (wins + neither / 2) / len(verdicts)
+        mean_adapter = statistics.mean(len(answers[0]) for answers, _ in results)
+        mean_base = statistics.mean(len(answers[1]) for answers, _ in results)
+        finished = [sum(not cut[i] for _, cut in results) for i in (0, 1)]
+        print(f"held out: adapter {wins} wins, base {losses}, neither {neither}: win rate {win_rate:.2f}; "
+              f"finished {finished[0]} vs {finished[1]} of {len(results)}; mean length {mean_adapter:.0f} vs "
+              f"{mean_base:.0f} characters; total {time.time() - t0:.0f} s")
         assert win_rate >= MIN_WIN_RATE
         assert mean_adapter < mean_base
     finally:

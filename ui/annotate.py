@@ -51,6 +51,18 @@ def _counts_md(svc: Annotation, user: str) -> str:
     return f"Your votes today: **{c['today']}** · all time: **{c['mine']}** · everyone: **{c['total']}**"
 
 
+CUT_NOTE = "*[cut at the length limit: the model had not finished]*"
+
+
+def answer_md(text: str, cut: bool) -> str:
+    """An answer as shown, with a note under it when it stopped at the token limit (after closing a
+    code fence the cut left open, which would otherwise swallow the note)."""
+    if not cut:
+        return safe_markdown(text)
+    fence = "\n```" if text.count("```") % 2 else ""
+    return f"{safe_markdown(text)}{fence}\n\n{CUT_NOTE}"
+
+
 def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
     pair_id = gr.State(None)
@@ -78,8 +90,8 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
         return [gr.Button(interactive=False) for _ in buttons]
 
     def show(upd: dict[str, Any], user: str) -> list[Any]:
-        return [f"**Prompt:** {safe_markdown(upd['prompt'])}", safe_markdown(upd["left"]),
-                safe_markdown(upd["right"]), upd["pair_id"],
+        return [f"**Prompt:** {safe_markdown(upd['prompt'])}", answer_md(upd["left"], upd["cut_left"]),
+                answer_md(upd["right"], upd["cut_right"]), upd["pair_id"],
                 *[gr.Button(interactive=True) for _ in buttons], _counts_md(svc, user), ""]
 
     def first_pair(request: gr.Request):
