@@ -31,12 +31,13 @@ MAX_TOKENS = 96
 # (README, "One round on 96 votes"). The floor stays: a round that barely moves the policy is what
 # it catches.
 MIN_WIN_RATE = 0.75
-# One round on ~50 votes trains three epochs (the app's default is two, for rounds that continue an
-# adapter on new votes). At two, the weakest of six draws (only 20 of its 51 pairs had a cut answer
-# to learn "finish" from) moved 0.026 nats/token and won 0.72; the same votes at three epochs moved
-# 0.25 and won 0.90, and the strongest draw still passed the repetition gate (README, "Two cut
-# answers are both bad").
-EPOCHS = 3
+# One round from the base on ~50 votes trains at 6e-4 (the app's default is 3e-4, chosen on 64-vote
+# rounds, README "Rounds"). At 3e-4 the weakest of six draws (only 20 of its 51 pairs had a cut answer
+# to learn "finish" from) moved 0.026 nats/token and won 0.72. The same votes replayed: 6e-4 moved
+# 0.12 and won 0.85, three epochs moved 0.25 and won 0.90 but cost 40% more round time; the
+# strongest draw at 6e-4 moved 0.52, won 1.00 and kept distinct-2 at 0.96 (README, "Two cut answers
+# are both bad").
+LEARNING_RATE = 6e-4
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
     "Explain how a bicycle works.", "Give advice for a first day at a new school.",
@@ -65,7 +66,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
     assert not set(HELDOUT) & set(read_prompt_file(BUNDLED))
     app = RunningApp(tmp_path / "data", engine, smollm2_dir, users=ANNOTATORS, extra=[
         "--round-every-votes", str(USABLE_VOTES), "--max-tokens", str(MAX_TOKENS), "--arena-rate", "0",
-        "--epochs", str(EPOCHS)])  # otherwise the default IPO round
+        "--learning-rate", str(LEARNING_RATE)])  # otherwise the default IPO round
     try:
         lock = threading.Lock()
         cast: list[str] = []  # verdicts
@@ -92,7 +93,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
         print(f"\n{len(cast)} votes in {time.time() - t0:.0f} s: {choices}")
 
         # The schedule starts the round by itself; wait for its verdict and the hot-swap.
-        deadline = time.time() + 1500  # ~39 steps: about 6.5 min here, twice that on a slow day
+        deadline = time.time() + 1200  # ~26 steps: about 5 min here, twice that on a slow day
         while time.time() < deadline:
             row = db.execute("SELECT status, adapter, reason FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
             serving = json.loads((db.execute("SELECT value FROM settings WHERE key = 'serving_history'")
@@ -108,7 +109,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
         print(f"round {adapter} after {time.time() - t0:.0f} s: {reason}; steps {metrics['steps']}, "
               f"train loss {metrics['train_loss']:.3f}, KL/token {metrics.get('kl_per_token', 0):.4f}")
         assert manifest["config"]["train"]["beta"] == 0.5
-        assert manifest["config"]["train"]["epochs"] == EPOCHS
+        assert manifest["learning_rate"] == LEARNING_RATE  # a first round: the from-base rate
 
         # Held-out prompts: the served adapter against the base, same seed per comparison. This
         # process's engine handle learns the adapter's vLLM name (same files, same name: no reload).
