@@ -31,12 +31,10 @@ MAX_TOKENS = 96
 # (README, "One round on 96 votes"). The floor stays: a round that barely moves the policy is what
 # it catches.
 MIN_WIN_RATE = 0.75
-# One round from the base on ~50 votes trains at 6e-4 (the app's default is 3e-4, chosen on 64-vote
-# rounds, README "Rounds"). At 3e-4 the weakest of six draws (only 20 of its 51 pairs had a cut answer
-# to learn "finish" from) moved 0.026 nats/token and won 0.72. The same votes replayed: 6e-4 moved
-# 0.12 and won 0.85, three epochs moved 0.25 and won 0.90 but cost 40% more round time; the
-# strongest draw at 6e-4 moved 0.52, won 1.00 and kept distinct-2 at 0.96 (README, "Two cut answers
-# are both bad").
+# One round from the base on ~50 votes trains at 6e-4, not the app's default 3e-4: at 3e-4 the
+# weakest of six draws barely moved (KL 0.026 nats/token) and won 0.72; its votes replayed at 6e-4
+# won 0.85 in the same round time, with no repetition on the strongest draw (README, "The test's one
+# round trains at 6e-4").
 LEARNING_RATE = 6e-4
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
