@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("prefloop")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a private annotation app
 
 ENV_DATA_DIR = "PREFLOOP_DATA_DIR"
 SPACE_PERSISTENT = Path("/data")  # a Space's persistent storage, when the Space has it
@@ -108,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of pairs that put the serving adapter against an earlier version or the base")
     g.add_argument("--repeat-rate", type=float, default=0.05,
                    help="share of pairs shown again (same or another person) to measure agreement (0: off)")
+    g.add_argument("--max-concurrent-pairs", type=int, default=None,
+                   help="pairs generated at once, for everyone together. Default: 8 per vLLM endpoint on CPU, "
+                   "64 per endpoint on CUDA")
+    g.add_argument("--max-waiting-pairs", type=int, default=None,
+                   help="requests that may wait for a generation slot; past them people are told 'busy, try again "
+                   "in N s'. Default: twice --max-concurrent-pairs")
     g = p.add_argument_group("rounds")
     g.add_argument("--round-every-votes", type=int, default=64,
                    help="start a round when this many new usable votes arrived (0: off)")
@@ -150,10 +157,15 @@ def check_port(host: str, port: int) -> None:
 
 
 def setup_logging(level: str, data_dir: Path) -> None:
+    """Log to stderr and to <data-dir>/logs/app.log (0600; rotated at 20 MiB, 5 kept)."""
+    from logging.handlers import RotatingFileHandler
+
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    path = data_dir / "logs" / "app.log"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, handlers=[
-        logging.StreamHandler(), logging.FileHandler(data_dir / "logs" / "app.log")])
+        logging.StreamHandler(), RotatingFileHandler(path, maxBytes=20 * 2**20, backupCount=5)])
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -219,7 +231,7 @@ def build(args: argparse.Namespace) -> App:
             users = Users.load(users_path)
         admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
     check_port(args.host, args.port)
-    store = VoteStore(data_dir / "votes.db")
+    store = VoteStore(data_dir / "votes.db", check=True)
     hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
     queue.load(args.prompts, args.prompts_column, args.prompts_split)
@@ -237,7 +249,8 @@ def build(args: argparse.Namespace) -> App:
             model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
             gpu_memory_utilization=args.gpu_memory_utilization or (plan and plan.gpu_memory_utilization),
             quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
-            extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log"))
+            extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log",
+            pid_file=data_dir / "vllm.pid"))
     try:
         serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
         rounds = Rounds(store, data_dir, model)
@@ -255,16 +268,19 @@ def build(args: argparse.Namespace) -> App:
             serving_adapter=lambda: None if serving.current == "base" else serving.current,
             on_promoted=serving.sync,
         )
+        slots = args.max_concurrent_pairs or (64 if total_gib is not None else 8) * len(engine.endpoints)
         svc = Annotation(store, queue, serving, AnnotateConfig(
             sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
-            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate, repeat_rate=args.repeat_rate))
+            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate, repeat_rate=args.repeat_rate,
+            max_concurrent_pairs=slots, max_waiting_pairs=args.max_waiting_pairs or 2 * slots))
 
         def who(request: gr.Request) -> str | None:
             if mode == "hf":
                 return oauth_username(request)
             return getattr(request, "username", None) if request is not None else None
 
-        with gr.Blocks(title="PrefLoop") as demo:
+        # delete_cache: files handed to browsers (dataset exports) leave Gradio's cache after an hour.
+        with gr.Blocks(title="PrefLoop", delete_cache=(3600, 3600)) as demo:
             with gr.Row():
                 gr.Markdown("## PrefLoop — which answer is better?")
                 if mode == "hf":
@@ -275,13 +291,14 @@ def build(args: argparse.Namespace) -> App:
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                     admin.build(demo, admin_tab, store, rounds, scheduler, serving, hub, who, admins)
             annotate.build_api(svc, who)
-        demo.queue(default_concurrency_limit=16)
+        demo.queue(default_concurrency_limit=16, max_size=1024)
         skip_spaces_hot_reload()
         _, url, _ = demo.launch(
             server_name=args.host, server_port=args.port, auth=users.check if users else None,
-            prevent_thread_lock=True,
+            prevent_thread_lock=True, ssr_mode=False,
             quiet=True, head=annotate.SHORTCUTS_JS, footer_links=["api"],
             auth_message="Log in to compare answers.",
+            app_kwargs={"middleware": middleware(on_space=mode == "hf")},
         )
         scheduler.start()
         hub.start(every_s=args.hub_every_minutes * 60)
@@ -301,17 +318,22 @@ def build(args: argparse.Namespace) -> App:
     return App(demo, engine, scheduler, hub, url)
 
 
+def middleware(on_space: bool) -> list:
+    """ASGI middleware for Gradio's app: security headers, and the login throttle (ui/http.py).
+    Behind a Space's proxy the client's address is the last X-Forwarded-For hop."""
+    from starlette.middleware import Middleware
+
+    from collector.users import LoginThrottle
+    from ui.http import LoginGuard, SecurityHeaders
+
+    return [Middleware(SecurityHeaders), Middleware(LoginGuard, throttle=LoginThrottle(), trust_forwarded=on_space)]
+
+
 def make_hub(args: argparse.Namespace, store, data_dir: Path):
     """Hub sync when --hub-dataset and HF_TOKEN are given; else local only (said once)."""
-    import secrets
-
-    from storage.export import ANNOTATOR_SALT_ENV
     from storage.hub import HubSync
 
-    salt = os.environ.get(ANNOTATOR_SALT_ENV) or store.get_setting("annotator_salt")
-    if not salt:  # one per data dir, so an annotator's hash is stable across restarts
-        salt = secrets.token_hex(16)
-        store.set_setting("annotator_salt", salt)
+    salt = store.annotator_salt()
     token = os.environ.get("HF_TOKEN")
     api = None
     if args.hub_dataset and token:
@@ -331,10 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         name = input("user name: ").strip()
         print(f"{name}:{hash_password(getpass.getpass('password: '))}")
         return 0
+    # Everything the app writes (votes, users, logs, adapters) is its owner's only, from creation.
+    os.umask(0o077)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(args.log_level, args.data_dir)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP (a closed terminal, a supervisor's reload) stops the app cleanly like SIGTERM: its
+    # default would kill the app at once and leave the last votes unpushed.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
 
     from collector.errors import EngineError, ModelError

@@ -3,14 +3,17 @@ for identity, rate limits, prompt checks, sampling and recording."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from collector.prompts import PromptError, PromptQueue, check_prompt
 from collector.sampling import PairStream, SamplingParams
@@ -18,6 +21,7 @@ from collector.serving import Serving
 from storage.votes import Choice, VoteStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RateLimited(Exception):
@@ -49,6 +53,57 @@ class RateLimiter:
             q.append(now)
 
 
+class Busy(Exception):
+    """Every generation slot is taken and the waiting line is full; the message says when to retry."""
+
+
+class GenerationGate:
+    """One limit on pairs generated at once, shared by the browser and the API, with a bounded line.
+
+    ``slots`` pairs generate together (sized to what the engine can batch); up to ``max_waiting``
+    more wait for a slot; past that a request is answered at once with ``Busy`` and an estimate of
+    the wait, instead of piling up threads and requests behind the engine. Voting never passes
+    through here.
+    """
+
+    def __init__(self, slots: int, max_waiting: int, typical_s: float = 10.0):
+        if slots < 1 or max_waiting < 0:
+            raise ValueError(f"slots must be >= 1 and max_waiting >= 0, got {slots} and {max_waiting}")
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self.typical_s = typical_s  # running mean of one pair's generation time
+        self.running = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+
+    def retry_after(self) -> float:
+        """Seconds until a place in the line is likely to free up."""
+        return max(1.0, self.typical_s * (self.waiting + 1) / self.slots)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._cond:
+            if self.running >= self.slots:
+                if self.waiting >= self.max_waiting:
+                    raise Busy(f"busy: {self.running} pairs are being written and {self.waiting} requests wait; "
+                               f"try again in {self.retry_after():.0f} s")
+                self.waiting += 1
+                try:
+                    while self.running >= self.slots:
+                        self._cond.wait()
+                finally:
+                    self.waiting -= 1
+            self.running += 1
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.running -= 1
+                self.typical_s = 0.8 * self.typical_s + 0.2 * (time.monotonic() - t0)
+                self._cond.notify()
+
+
 @dataclass
 class AnnotateConfig:
     """Annotation settings.
@@ -62,6 +117,10 @@ class AnnotateConfig:
         repeat_rate (float, default 0.05): share of queue pairs that show an already voted pair
             again (to the same or another person, sides swapped half the time), for agreement and
             Cohen's kappa; their votes are not trained on.
+        max_concurrent_pairs (int, default 8): pairs generated at once, for everyone together
+            (the app sizes it to the engine: 8 per CPU endpoint, 64 per CUDA endpoint).
+        max_waiting_pairs (int, default 16): requests that may wait for a slot; past them a request
+            is told "busy, try again in N s".
     """
 
     sampling: SamplingParams = SamplingParams()
@@ -69,6 +128,8 @@ class AnnotateConfig:
     max_prompt_chars: int = 4000
     arena_rate: float = 0.25
     repeat_rate: float = 0.05
+    max_concurrent_pairs: int = 8
+    max_waiting_pairs: int = 16
 
 
 def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: tuple[str, str]) -> dict[str, Any]:
@@ -86,6 +147,8 @@ class Annotation:
         self.serving = serving
         self.config = config
         self.limiter = RateLimiter(config.pairs_per_minute)
+        self.gate = GenerationGate(config.max_concurrent_pairs, config.max_waiting_pairs)
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="vote")
         self.rng = random.Random()
 
     def arena_models(self) -> tuple[str, str] | None:
@@ -117,9 +180,10 @@ class Annotation:
                 raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
             prompt_id, text = picked
         messages = [{"role": "user", "content": text}]
-        stream = PairStream(self.serving.engine, messages, self.config.sampling, models=self.arena_models())
-        for left, right in stream:
-            yield {"prompt": text, "left": left, "right": right, "done": False}
+        with self.gate.slot():
+            stream = PairStream(self.serving.engine, messages, self.config.sampling, models=self.arena_models())
+            for left, right in stream:
+                yield {"prompt": text, "left": left, "right": right, "done": False}
         pair = stream.pair
         assert pair is not None
         pair_id = self.store.issue_pair(
@@ -166,6 +230,11 @@ class Annotation:
             raise PermissionError("log in first")
         vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice))
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": Choice.parse(choice).value}
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the service's own small pool (votes, counts): such calls never wait
+        for a thread that a generation holds, however many people ask for pairs."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def counts(self, annotator: str) -> dict[str, int]:
         midnight = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))

@@ -27,10 +27,25 @@ from typing import Any
 import httpx
 
 from collector.errors import AdapterRejected, EngineError
+from storage.procs import die_with_parent, reap_pid_file, write_pid_file
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"  # served name of the base model (no adapter)
+PID_MARKER = "vllm.entrypoints.openai.api_server"
+LOG_ROTATE_BYTES = 20 * 2**20
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES, keep: int = 3) -> None:
+    """Before a start: move a log over ``max_bytes`` to ``.1`` (``.1`` to ``.2``, ...; ``keep`` kept)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size < max_bytes:
+        return
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
 
 
 @dataclass
@@ -52,6 +67,8 @@ class EngineConfig:
         log_path (Path | None, default None): where the managed server's output goes.
         extra_args (list[str], default []): more `vllm serve` flags, passed as is.
         enable_lora (bool, default True): runtime LoRA; off only for benchmarks' no-LoRA ceiling.
+        pid_file (Path | None, default None): where the managed server's process group is noted, so
+            that a start after a crash of the app stops the server it left behind.
     """
 
     model: str = ""
@@ -68,6 +85,7 @@ class EngineConfig:
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     enable_lora: bool = True
+    pid_file: Path | None = None
 
 
 def free_port() -> int:
@@ -89,11 +107,12 @@ class VLLMServer:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.port = free_port()
-        # Hex, and passed as --api-key=KEY: a urlsafe key may begin with "-", which argparse takes
-        # for an option (vLLM then exits with a usage error, about one start in 64).
+        # Passed in the environment (VLLM_API_KEY), never on the command line, where every local
+        # user could read it in the process list.
         self.api_key = secrets.token_hex(24)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(config.log_path or f"vllm-{self.port}.log")
+        self.pid_file = config.pid_file
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -103,7 +122,7 @@ class VLLMServer:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", c.model, "--served-model-name", BASE,
-            "--host", "127.0.0.1", "--port", str(self.port), f"--api-key={self.api_key}",
+            "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", c.dtype, "--max-model-len", str(c.max_model_len),
             "--disable-uvicorn-access-log",
         ]
@@ -119,6 +138,7 @@ class VLLMServer:
         """The server's environment: this one's, plus PrefLoop's defaults where unset."""
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env["VLLM_API_KEY"] = self.api_key
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_gb))
         if len(os.sched_getaffinity(0)) <= 2:
             # vLLM-CPU keeps one core for its front end and computes on the rest: on 2 cores that
@@ -130,15 +150,25 @@ class VLLMServer:
         return env
 
     def start(self) -> None:
+        """Start the server in its own process group. It gets SIGKILL if this process dies
+        (parent-death signal), and its group is written to ``pid_file`` so that the next start
+        reaps whatever a kill left behind (vLLM's own workers included)."""
         env = self.environment()
+        if self.pid_file is not None:
+            reaped = reap_pid_file(self.pid_file)
+            if reaped:
+                logger.warning("stopped a vLLM server (pid %d) left behind by an earlier run", reaped)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        rotate_log(self.log_path)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         logger.info("starting vLLM on %s (log: %s)", self.url, self.log_path)
-        self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
-        log.close()
+        with os.fdopen(fd, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file, self.proc.pid, PID_MARKER)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until /health answers; on exit or timeout raise EngineError with the log tail."""
@@ -193,6 +223,8 @@ class VLLMServer:
             break
         logger.info("vLLM on %s stopped", self.url)
         self.proc = None
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
 
 
 @dataclass

@@ -7,17 +7,38 @@ in app.py prints the hashed form to paste into the file instead.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
 import secrets
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 
 class UsersError(ValueError):
     """The users file is missing or malformed."""
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only (0600 from the start: never world-readable, not
+    even between a write and a chmod), replacing it atomically if it exists."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def hash_password(password: str, salt: str | None = None) -> str:
@@ -32,10 +53,19 @@ def verify(stored: str, password: str) -> bool:
 
 
 class Users:
-    """name -> scrypt hash; ``check`` is Gradio's auth callable."""
+    """name -> scrypt hash; ``check`` is Gradio's auth callable.
+
+    A password is hashed in a small thread pool, never on the event loop (scrypt takes ~36 ms of
+    CPU: on the loop, a flood of logins would stall every request). An unknown name costs the same
+    hash as a known one, so the time of an answer does not tell which names exist.
+    """
+
+    HASH_THREADS = 2
 
     def __init__(self, hashes: dict[str, str]):
         self.hashes = hashes
+        self._dummy = hash_password(secrets.token_hex(16))
+        self._pool = ThreadPoolExecutor(self.HASH_THREADS, thread_name_prefix="password-hash")
 
     @classmethod
     def load(cls, path: Path) -> Users:
@@ -60,14 +90,74 @@ class Users:
         """A first-run users file with one random password (returned once, stored hashed)."""
         password = secrets.token_urlsafe(9)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# PrefLoop users: name:password or name:<hash from `python app.py hash-password`>\n"
-                        f"{name}:{hash_password(password)}\n")
-        path.chmod(0o600)
+        write_private(path, f"# PrefLoop users: name:password or name:<hash from `python app.py hash-password`>\n"
+                            f"{name}:{hash_password(password)}\n")
         return cls.load(path), password
 
-    def check(self, name: str, password: str) -> bool:
+    def verify(self, name: str, password: str) -> bool:
+        """Blocking check (one scrypt hash, whether the name exists or not)."""
         stored = self.hashes.get(name)
-        return stored is not None and verify(stored, password)
+        ok = verify(stored or self._dummy, password)
+        return stored is not None and ok
+
+    async def check(self, name: str, password: str) -> bool:
+        """Gradio's auth callable: the hash runs in the pool while the event loop serves others."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.verify, name, password)
+
+
+class LoginThrottle:
+    """Login attempts per user name and per client address in a sliding window.
+
+    An attempt counts when it starts (so a burst of parallel guesses is cut off before any is
+    hashed); a successful login clears its name's count. Past ``per_name`` attempts on one name, or
+    ``per_address`` from one address, within ``window_s``, ``attempt`` returns the seconds to wait.
+    Memory stays bounded: at most ``max_keys`` names and addresses are remembered.
+    """
+
+    def __init__(self, per_name: int = 5, per_address: int = 20, window_s: float = 300.0,
+                 max_keys: int = 50_000, clock=time.monotonic):
+        self.limits = {"name": per_name, "address": per_address}
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self.clock = clock
+        self._seen: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _wait(self, key: tuple[str, str], now: float) -> float:
+        q = self._seen.get(key)
+        if q is None:
+            return 0.0
+        while q and now - q[0] >= self.window_s:
+            q.popleft()
+        if len(q) < self.limits[key[0]]:
+            return 0.0
+        return self.window_s - (now - q[0])
+
+    def attempt(self, name: str, address: str) -> float:
+        """0 when this attempt may proceed (and it is counted), else the seconds to wait."""
+        now = self.clock()
+        keys = [("name", name), ("address", address)]
+        with self._lock:
+            wait = max(self._wait(k, now) for k in keys)
+            if wait > 0:
+                return wait
+            if len(self._seen) >= self.max_keys:
+                self._prune(now)
+            for k in keys:
+                self._seen.setdefault(k, deque()).append(now)
+            return 0.0
+
+    def succeeded(self, name: str, address: str) -> None:
+        with self._lock:
+            self._seen.pop(("name", name), None)
+
+    def _prune(self, now: float) -> None:
+        for k in [k for k, q in self._seen.items() if not q or now - q[-1] >= self.window_s]:
+            del self._seen[k]
+        if len(self._seen) >= self.max_keys:  # still full: forget the oldest half
+            oldest = sorted(self._seen, key=lambda k: self._seen[k][-1])
+            for k in oldest[: len(oldest) // 2]:
+                del self._seen[k]
 
 
 # -- Hugging Face OAuth (on a Space) ---------------------------------------------------------

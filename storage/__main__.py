@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from storage.errors import StorageError
-from storage.export import ANNOTATOR_SALT_ENV, export_all
+from storage.export import export_all
 from storage.importer import import_pairs
 from storage.votes import VoteStore
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = VoteStore(args.data_dir / "votes.db")
         if args.command == "export":
-            counts = export_all(store, args.out, os.environ.get(ANNOTATOR_SALT_ENV, ""))
+            counts = export_all(store, args.out, store.annotator_salt())
             print(f"wrote {args.out}: {counts['votes']} votes, {counts['preferences']} preference pairs")
         elif args.command == "import":
             n = import_pairs(store, args.source, args.split)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             if not token:
                 raise StorageError("set HF_TOKEN to push to the Hub")
             hub = HubSync(store, args.data_dir / "hub", args.hub_dataset, HfApi(token=token),
-                          salt=os.environ.get(ANNOTATOR_SALT_ENV, ""))
+                          salt=store.annotator_salt())
             n = hub.push()
             print(hub.status.line() if n or not hub.status.last_error else f"push failed: {hub.status.last_error}")
             return 0 if not hub.status.last_error else 1

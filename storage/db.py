@@ -7,6 +7,7 @@ Each migration is a function ``mNNNN_name(conn)``; the list is only ever appende
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -132,6 +133,34 @@ def m0005_finish_reasons(conn: sqlite3.Connection) -> None:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
 ]
+
+
+def create_private(path: Path) -> None:
+    """Create an empty database file readable by its owner only. SQLite gives its -wal and -shm
+    files the database file's permissions, so they are private too."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot create database {path}: {e.strerror}; check the path and its permissions") from e
+
+
+def damaged(path: Path, detail: str) -> str:
+    return (f"the vote log {path} is damaged ({detail}). Stop PrefLoop, keep a copy of the file, then "
+            f"recover what SQLite can read: `sqlite3 {path} .recover | sqlite3 recovered.db` and start "
+            "PrefLoop with that file in place of the damaged one (or restore a backup, or pull the votes "
+            "back from the Hub dataset)")
+
+
+def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick_check (pages, records and indexes are well formed); StorageError if not."""
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as e:
+        raise StorageError(damaged(path, str(e))) from e
+    if rows != ["ok"]:
+        raise StorageError(damaged(path, "; ".join(rows)[:300]))
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

@@ -23,7 +23,6 @@ from typing import Any
 from storage.votes import VoteStore
 
 CONFIGS = ("votes", "preferences")
-ANNOTATOR_SALT_ENV = "PREFLOOP_ANNOTATOR_SALT"
 
 
 def annotator_id(name: str, salt: str) -> str:

@@ -37,7 +37,8 @@ class HubStatus:
 
     def line(self) -> str:
         if not self.enabled:
-            return "Hub sync off (no --hub-dataset or no HF_TOKEN): votes are stored locally only"
+            err = f"; last error: {self.last_error}" if self.last_error else ""
+            return f"Hub sync off (no --hub-dataset or no HF_TOKEN): votes are stored locally only{err}"
         when = time.strftime("%H:%M:%S", time.localtime(self.last_push)) if self.last_push else "never"
         err = f"; last error: {self.last_error}" if self.last_error else ""
         return (f"Hub {self.repo_id}: last push {when}, {self.pending_rows} votes not yet staged, "
@@ -96,8 +97,14 @@ class HubSync:
     # -- pushing -------------------------------------------------------------------------
 
     def push(self) -> int:
-        """Stage, then upload what the repo lacks; retried with backoff. Returns files uploaded."""
-        self.stage()
+        """Stage, then upload what the repo lacks; retried with backoff. Returns files uploaded.
+        Never raises: a failure is kept in ``status.last_error`` (the Admin tab shows it), and what
+        was staged before is still pushed."""
+        try:
+            self.stage()
+        except Exception as e:  # a full disk, a permission: the votes stay in SQLite, staged next time
+            self.status.last_error = f"staging failed: {type(e).__name__}: {e}"[:300]
+            logger.exception("hub staging failed")
         if not self.status.enabled:
             return 0
         delay = self.backoff_s
@@ -154,8 +161,13 @@ class HubSync:
         threading.Thread(target=self._loop, args=(every_s,), name="hub-sync", daemon=True).start()
 
     def _loop(self, every_s: float) -> None:
+        """Push every ``every_s`` until stopped; no error ends the loop."""
         while not self._stop.wait(every_s):
-            self.push()
+            try:
+                self.push()
+            except Exception as e:
+                self.status.last_error = f"{type(e).__name__}: {e}"[:300]
+                logger.exception("hub sync failed; trying again in %.0f s", every_s)
 
     def flush(self) -> None:
         """Final push at shutdown (SIGTERM or normal exit), one attempt per retry budget."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -12,13 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from storage.db import connect, migrate
+from storage.db import check_integrity, connect, create_private, damaged, migrate
 from storage.errors import StorageError, VoteRejected
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class Choice(StrEnum):
             allowed = ", ".join(c.value for c in cls)
             raise VoteRejected(f"invalid choice {value!r}; use one of: {allowed}") from None
 
+
+ANNOTATOR_SALT_ENV = "PREFLOOP_ANNOTATOR_SALT"
+SALT_KEY = "annotator_salt"
 
 USABLE_SQL = (" AND v.choice != 'both_bad' AND p.repeat_of IS NULL"
               " AND v.annotator NOT IN (SELECT annotator FROM excluded_annotators)")
@@ -68,69 +73,117 @@ class StoredPair:
 class GroupCommit:
     """One writer thread per store: concurrent writes are batched into one transaction, so one
     fsync acknowledges many votes. Each write runs in its own savepoint: one refused write does
-    not undo the others. ``submit`` returns only after the batch's COMMIT (synchronous=FULL)."""
+    not undo the others. ``submit`` returns only after the batch's COMMIT (synchronous=FULL).
+
+    The writer is allowed to die (a bug, a broken connection): the writes it held are answered
+    with an error (nothing of them was committed), and the next waiting or new write starts a
+    fresh writer. No caller waits longer than ``timeout_s``.
+    """
 
     MAX_BATCH = 256
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout_s: float = 30.0):
         self.path = path
+        self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.restarts = 0
+
+    def _ensure_writer(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:
+                    self.restarts += 1
+                    logger.error("vote writer was not running; starting a new one (restart %d)", self.restarts)
+                self._thread = threading.Thread(target=self._run, name="vote-writer", daemon=True)
+                self._thread.start()
 
     def submit(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         fut: Future = Future()
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="vote-writer", daemon=True)
-                self._thread.start()
+        self._ensure_writer()
         self._queue.put((fn, fut))
-        return fut.result()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except FutureTimeout:
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        f"the vote log {self.path} did not answer within {self.timeout_s:.0f} s; "
+                        "the write may not be recorded: try again (a repeated vote is not counted twice)"
+                    ) from None
+                self._ensure_writer()  # a writer that died while this write waited is replaced
 
     def _run(self) -> None:
-        conn = connect(self.path)
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            outcomes: list[tuple[Future, Any, BaseException | None]] = []
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for fn, fut in batch:
-                    conn.execute("SAVEPOINT one_write")
+        batch: list[tuple[Callable, Future]] = []
+        try:
+            conn = connect(self.path)
+            while True:
+                batch = [self._queue.get()]
+                while len(batch) < self.MAX_BATCH:
                     try:
-                        outcomes.append((fut, fn(conn), None))
-                    except Exception as e:
-                        conn.execute("ROLLBACK TO one_write")
-                        outcomes.append((fut, None, e))
-                    conn.execute("RELEASE one_write")
-                conn.execute("COMMIT")
-            except Exception as e:  # nothing of this batch is acknowledged
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                err = StorageError(f"could not commit to {self.path}: {e}; nothing was recorded, try again")
-                for _, fut in batch:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self._commit(conn, batch)
+                batch = []
+        except BaseException as e:
+            logger.exception("vote writer stopped")
+            err = StorageError(f"the vote log's writer failed ({type(e).__name__}: {e}); nothing of this "
+                               "write was recorded: try again")
+            for _, fut in batch:
+                if not fut.done():
                     fut.set_exception(err)
-                continue
-            for fut, result, error in outcomes:
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    fut.set_result(result)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Callable, Future]]) -> None:
+        outcomes: list[tuple[Future, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                conn.execute("SAVEPOINT one_write")
+                try:
+                    outcomes.append((fut, fn(conn), None))
+                except Exception as e:
+                    conn.execute("ROLLBACK TO one_write")
+                    outcomes.append((fut, None, e))
+                conn.execute("RELEASE one_write")
+            conn.execute("COMMIT")
+        except Exception as e:  # nothing of this batch is acknowledged
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err = StorageError(f"could not commit to {self.path}: {e}; nothing was recorded, try again")
+            for _, fut in batch:
+                fut.set_exception(err)
+            return
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        for fut, result, error in outcomes:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
 
 
 class VoteStore:
     """The vote log in one SQLite file. Safe to share between threads and processes: reads open
     short-lived connections; votes and pairs go through one group-commit writer per store."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, check: bool = False):
+        """Open (or create, 0600) the vote log and migrate it. ``check``: run SQLite's
+        ``quick_check`` first (the app does at start) and refuse a damaged file in one line."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)
         with self._conn() as conn:
-            migrate(conn)
+            if check:
+                check_integrity(conn, self.path)
+            try:
+                migrate(conn)
+            except sqlite3.DatabaseError as e:
+                raise StorageError(damaged(self.path, str(e))) from e
         self._writer = GroupCommit(self.path)
 
     @contextmanager
@@ -368,6 +421,18 @@ class VoteStore:
             d["params"] = json.loads(d["params"])
             out.append(d)
         return out
+
+    def annotator_salt(self) -> str:
+        """The salt that hashes annotator names in every export and push: $PREFLOOP_ANNOTATOR_SALT,
+        else one random salt per data dir, made on first use and kept, so that the app and the
+        command line give a person the same id, and the id cannot be guessed from the name."""
+        salt = os.environ.get(ANNOTATOR_SALT_ENV) or self.get_setting(SALT_KEY)
+        if not salt:
+            salt = secrets.token_hex(16)
+            with self._conn() as conn:  # first writer wins: two processes agree on one salt
+                conn.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (SALT_KEY, salt))
+            salt = self.get_setting(SALT_KEY) or salt
+        return salt
 
     # -- settings (small key/value state, e.g. the serving adapter) ----------------------
 

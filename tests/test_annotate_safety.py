@@ -11,26 +11,69 @@ from playwright.sync_api import Error as PlaywrightError
 from storage.votes import VoteStore
 from tests.test_browser import browser, login  # noqa: F401  (fixture)
 
-XSS = """Here are some tricks:
+# Tricks to run code or load a resource from rendered text. The first five got past the earlier
+# regex-based renderer; the rest are the usual suspects of HTML sanitizer bypasses.
+BYPASSES = """Here are some tricks:
+
+![ref style][r]
+
+[r]: http://evil.invalid/ref.png
+
+![alt [with] nested [brackets]](http://evil.invalid/nested.png)
+
+\\`<img src="http://evil.invalid/after-escaped-tick.png">
+
+<svg><image href="http://evil.invalid/svg-image.png"/></svg>
 
 <script>window.__xss = 'script'</script>
 <img src="x" onerror="window.__xss = 'img-onerror'">
+<img srcset="http://evil.invalid/srcset.png 1x">
 <svg onload="window.__xss = 'svg-onload'"><circle r="4"/></svg>
+<svg><use href="http://evil.invalid/use.svg#x"/></svg>
 <iframe src="http://evil.invalid/frame" onload="window.__xss = 'iframe'"></iframe>
-<style>body { display: none !important; }</style>
+<iframe srcdoc="<img src=http://evil.invalid/srcdoc.png>"></iframe>
+<style>body { display: none !important; } @import url(http://evil.invalid/import.css);</style>
+<link rel="stylesheet" href="http://evil.invalid/link.css">
+<div style="background:url(http://evil.invalid/bg.png)">styled</div>
+<video poster="http://evil.invalid/poster.png"><source src="http://evil.invalid/v.mp4"></video>
+<audio src="http://evil.invalid/a.mp3" autoplay></audio>
+<picture><source srcset="http://evil.invalid/picture.png"><img></picture>
+<object data="http://evil.invalid/object"></object><embed src="http://evil.invalid/embed">
+<input type="image" src="http://evil.invalid/input.png">
+<table background="http://evil.invalid/table.png"><tr><td>t</td></tr></table>
+<form action="http://evil.invalid/form"><button>send</button></form>
+<meta http-equiv="refresh" content="0;url=http://evil.invalid/meta">
+<base href="http://evil.invalid/">
+<details open ontoggle="window.__xss = 'details'"><summary>s</summary></details>
+<noscript><p title="</noscript><img src=x onerror=window.__xss='mxss'>"></noscript>
+<math><mi xlink:href="javascript:window.__xss='math'">m</mi></math>
 <a id="jslink" href="javascript:window.__xss='js-link'">click me</a>
+<a href="http://evil.invalid/page" ping="http://evil.invalid/ping">ping on click</a>
 [markdown js link](javascript:window.__xss='md-link')
-<img src="http://evil.invalid/pixel.png">
-![tracking pixel](http://evil.invalid/md.png)
+[mixed case](JaVaScRiPt:window.__xss='md-case')
+[data link](data:text/html,<script>alert(1)</script>)
+![angle](<http://evil.invalid/angle.png>)
+![titled](http://evil.invalid/titled.png "title")
+${window.__xss = 'template'}
+{{constructor.constructor('window.__xss = "handlebars"')()}}
+
+```
+unclosed fence <img src="http://evil.invalid/after-fence.png">
 """
 
+PANES = ("#prompt", "#answer-a", "#answer-b")
+ACTIVE = ("img, svg, image, iframe, frame, object, embed, video, audio, source, picture, style, link, script, "
+          "form, input, button, meta, base, math, details, noscript, [style], [onerror], [onload], [ontoggle], "
+          "[background], [srcset], [ping]")
 
-def test_model_output_with_an_xss_corpus_renders_inert(browser, app):  # noqa: F811
-    # Injected through a stored pair, not the model: bob's unvoted pair is resumed on page load.
+
+def test_a_corpus_of_bypasses_in_prompt_and_answers_renders_inert_and_loads_nothing(browser, app):  # noqa: F811
+    # Injected through a stored pair (prompt and both answers), not the model: bob's unvoted pair is
+    # resumed on page load.
     store = VoteStore(app.data_dir / "votes.db")
-    pid = store.issue_pair(annotator="bob", prompt_id=None, messages=[{"role": "user", "content": "<b>hi</b>"}],
-                           answer_left=XSS, answer_right="A plain answer.", model_left="base", model_right="base",
-                           seed=1, params={}, timings={})
+    pid = store.issue_pair(annotator="bob", prompt_id=None, messages=[{"role": "user", "content": BYPASSES}],
+                           answer_left=BYPASSES, answer_right="A plain *answer*.\n\n" + BYPASSES,
+                           model_left="base", model_right="base", seed=1, params={}, timings={})
     page = browser.new_page()
     external: list[str] = []
 
@@ -51,22 +94,47 @@ def test_model_output_with_an_xss_corpus_renders_inert(browser, app):  # noqa: F
     page.fill("input[type=text]", "bob")
     page.fill("input[type=password]", app.users["bob"])
     page.keyboard.press("Enter")
-    page.wait_for_selector("#answer-a [data-testid=markdown]:has-text('Here are some tricks')", timeout=60_000)
+    page.wait_for_selector("#answer-a .pl-text:has-text('Here are some tricks')", timeout=60_000)
     page.wait_for_selector("#vote-a:not([disabled])", timeout=60_000)
-    assert page.is_visible("#vote-a")  # the <style> did not hide the page
-    for link in page.locator("#answer-a a").all():
+    assert page.is_visible("#vote-a")  # no <style> hid the page
+    for pane in PANES:
+        assert "Here are some tricks" in page.inner_text(pane)
+        found = page.locator(f"{pane} .pl-text").locator(ACTIVE)
+        assert found.count() == 0, [found.nth(i).evaluate("e => e.outerHTML") for i in range(found.count())]
+        for href in page.locator(f"{pane} .pl-text a").evaluate_all("as => as.map(a => a.getAttribute('href'))"):
+            assert href.startswith(("http://", "https://")), href  # no javascript:, data: or relative links
+    assert "${" in page.inner_text("#answer-a") and "{{constructor" in page.inner_text("#answer-a")  # shown as text
+    for link in page.locator("#answer-a .pl-text a").all():
         # A target=_blank link opens a tab in front: a background page gets no animation frames, and
         # Playwright's "stable" check before a click waits on them (a CI run timed out there).
         page.bring_to_front()
         link.click(timeout=2_000, no_wait_after=True)
     page.wait_for_timeout(1500)
     assert page.evaluate("window.__xss") is None
-    assert page.locator("#answer-a script, #answer-a iframe, #answer-a svg[onload], #answer-a [onerror]").count() == 0
-    assert not [u for u in external if "evil.invalid" in u], external
+    assert external == [], external
     page.click("#vote-b")
     page.wait_for_selector("#status:has-text('recorded')", timeout=60_000)
     with sqlite3.connect(app.data_dir / "votes.db") as conn:
         assert conn.execute("SELECT choice FROM votes WHERE pair_id = ?", (pid,)).fetchone() == ("right",)
+    page.close()
+
+
+def test_the_page_policy_keeps_even_an_injected_image_from_loading(browser, app):  # noqa: F811
+    # The second wall behind the sanitizer: the Content-Security-Policy header lets the page load
+    # images only from the app. An <img> put into the page by script (as a sanitizer bug would) loads nothing.
+    page = login(browser, app, "alice")
+    page.wait_for_selector("#vote-a", timeout=60_000)
+    asked: list[str] = []  # requests that reached the network layer (the policy stops them before it)
+
+    def record(route):
+        asked.append(route.request.url)
+        route.abort()
+
+    page.context.route("http://evil.invalid/**", record)
+    page.evaluate("""() => { const i = document.createElement('img'); i.src = 'http://evil.invalid/injected.png';
+                             document.body.appendChild(i); }""")
+    page.wait_for_timeout(1000)
+    assert not [u for u in asked if "evil.invalid" in u], asked
     page.close()
 
 
@@ -96,7 +164,7 @@ def test_odd_prompts_are_refused_with_a_message_or_kept_intact(app, prompt, refu
 
 
 SETTLED = """(previous) => {
-  const md = document.querySelector('#answer-a [data-testid="markdown"]');
+  const md = document.querySelector('#answer-a .pl-text');
   const tracker = document.querySelector('#answer-a [data-testid="status-tracker"]');
   const button = document.querySelector('#vote-a');
   if (!md || !button) return false;
@@ -123,25 +191,26 @@ def test_a_reload_resumes_the_unvoted_pair_and_skip_moves_on(browser, app):  # n
     page.close()
 
 
-def test_safe_markdown_keeps_code_and_formatting_but_not_html_or_images():
-    from ui.render import safe_markdown
+def test_render_keeps_formatting_and_code_but_no_html_or_images():
+    from ui.render import render
 
-    out = safe_markdown("**bold** <b>x</b> ![p](http://e.invalid/a.png)\n```py\nif a < b:\n    pass\n```\n`x<y`")
-    assert "**bold**" in out and "&lt;b&gt;x&lt;/b&gt;" in out
-    assert "![" not in out and "[image: p](http://e.invalid/a.png)" in out
-    assert "if a < b:" in out and "`x<y`" in out
+    out = render("**bold** <b>x</b> ![p](http://e.invalid/a.png)\n```py\nif a < b:\n    pass\n```\n`x<y`")
+    assert "<strong>bold</strong>" in out and "&lt;b&gt;x&lt;/b&gt;" in out
+    assert "<img" not in out and ">p</a>" in out and 'href="http://e.invalid/a.png"' in out
+    assert "if a &lt; b:" in out and "<code>x&lt;y</code>" in out
+    assert 'rel="noopener noreferrer nofollow"' in render("[a](https://example.org)")
+    assert "href" not in render("[a](javascript:alert(1))") and "href" not in render("[a](data:text/html,x)")
 
 
 def test_a_cut_answer_is_shown_with_a_note_under_it_even_inside_an_open_code_fence():
-    from ui.annotate import CUT_NOTE, answer_md
-    from ui.render import safe_markdown
+    from ui.annotate import CUT_NOTE, answer_html
 
     text = "Here is the code:\n```python\nfor i in range(3):\n    print(i <"
-    assert answer_md(text, cut=False) == safe_markdown(text)
-    shown = answer_md(text, cut=True)
-    assert shown.endswith(f"```\n\n{CUT_NOTE}")  # the fence the cut left open is closed first
-    assert shown.count("```") == 2
-    assert answer_md("A finished `x`.", cut=True) == f"A finished `x`.\n\n{CUT_NOTE}"
+    assert CUT_NOTE not in answer_html(text, cut=False)
+    shown = answer_html(text, cut=True)
+    # the fence the cut left open is closed: the note is outside the code block
+    assert shown.index("</pre>") < shown.index(CUT_NOTE)
+    assert shown.endswith(f'<p class="cut-note"><em>{CUT_NOTE}</em></p></div>')
 
 
 def test_the_per_user_rate_limit_refuses_with_the_wait_and_spares_others(engine, tmp_path, smollm2_dir):

@@ -32,7 +32,7 @@ def login(browser, app, user: str):
 
 def shown_pair(page) -> tuple[str, str]:
     page.wait_for_selector("#vote-a:not([disabled])", timeout=120_000)
-    md = " [data-testid=markdown]"  # the rendered answer, without Gradio's progress overlay
+    md = " .pl-text"  # the rendered answer, without Gradio's progress overlay
     return page.inner_text("#answer-a" + md).strip(), page.inner_text("#answer-b" + md).strip()
 
 

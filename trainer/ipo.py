@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.procs import die_with_parent
 from trainer.data import CUT_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -482,18 +483,6 @@ def _kl_estimate(model, tokenizer, prompts: list[str], samples_per_prompt: int =
     tokens = int(answer_mask.sum())
     kl = sum(per_answer) / len(per_answer)
     return {"kl_estimate": kl, "kl_per_token": sum(per_answer) / max(1, tokens), "kl_answers": len(per_answer)}
-
-
-def die_with_parent() -> None:
-    """Get SIGKILL when the parent process dies (Linux): a killed app, CLI or launcher leaves no
-    orphan trainer behind. Not inherited across fork, so each trainer process sets it itself."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def is_main_process() -> bool:

@@ -23,9 +23,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from storage.procs import die_with_parent
 from storage.votes import VoteStore
 from trainer.data import build_pairs, is_heldout
-from trainer.ipo import TrainConfig, TrainSpec, die_with_parent
+from trainer.ipo import TrainConfig, TrainSpec
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +247,23 @@ class Rounds:
 
     # -- state ---------------------------------------------------------------------------
 
-    def cleanup(self) -> None:
-        """Mark rounds whose trainer died as failed; remove temporary folders (at start)."""
+    def cleanup(self) -> bool:
+        """Mark rounds whose trainer died as failed and remove temporary folders, under the round
+        lock: while a round runs (in this process or another) nothing is touched and this returns
+        False. Keeps the work folders (logs) of the newest ``KEEP_WORK`` unpromoted rounds."""
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            self._cleanup_locked()
+        finally:
+            self.lock.release()
+        return True
+
+    KEEP_WORK = 10
+
+    def _cleanup_locked(self) -> None:
         with self.store._conn() as conn:
             for row in conn.execute("SELECT id, pid FROM rounds WHERE status = 'running'").fetchall():
                 if not pid_alive(row["pid"]) or row["pid"] == os.getpid():
@@ -258,6 +274,8 @@ class Rounds:
                     logger.warning("round %d marked failed: its trainer died", row["id"])
         for tmp in self.adapters.glob("*.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+        for old in sorted(p for p in self.work.iterdir() if p.is_dir())[: -self.KEEP_WORK]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def promoted(self) -> list[dict[str, Any]]:
         """Promoted rounds, oldest first."""
@@ -301,7 +319,7 @@ class Rounds:
                 "a round is already running; wait for it to finish (see `python -m trainer status`)"
             ) from None
         try:
-            self.cleanup()
+            self._cleanup_locked()
             return self._run_locked(cfg, on_progress, init_adapter, seed_pairs)
         finally:
             self.lock.release()

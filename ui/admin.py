@@ -193,7 +193,11 @@ def build(demo: gr.Blocks, tab: gr.Tab, store: VoteStore, rounds: Rounds, schedu
 
     def export(request: gr.Request):
         require_admin(request)
-        out = Path(tempfile.mkdtemp(prefix="prefloop-export-"))
+        exports = rounds.data_dir / "exports"
+        for old in exports.glob("*"):  # only the newest export is kept (Gradio serves its own copy)
+            shutil.rmtree(old, ignore_errors=True)
+        exports.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="export-", dir=exports))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         export_all(store, out / "dataset", salt=hub.salt)
         archive = shutil.make_archive(str(out / f"prefloop-dataset-{stamp}"), "zip", out / "dataset")

@@ -5,11 +5,11 @@ from typing import Any
 
 import gradio as gr
 
-from collector.annotate import Annotation, RateLimited
+from collector.annotate import Annotation, Busy, RateLimited
 from collector.errors import EngineError
 from collector.prompts import PromptError
-from storage.errors import VoteRejected
-from ui.render import safe_markdown
+from storage.errors import StorageError
+from ui.render import render
 
 # label, choice, element id, keyboard keys
 VOTES = [
@@ -34,7 +34,7 @@ document.addEventListener('keydown', (e) => {
 </script>
 """
 
-USER_ERRORS = (PromptError, RateLimited, PermissionError, EngineError, VoteRejected)
+USER_ERRORS = (PromptError, RateLimited, Busy, PermissionError, EngineError, StorageError)
 
 Identity = Callable[[gr.Request], str | None]
 
@@ -51,29 +51,37 @@ def _counts_md(svc: Annotation, user: str) -> str:
     return f"Your votes today: **{c['today']}** · all time: **{c['mine']}** · everyone: **{c['total']}**"
 
 
-CUT_NOTE = "*[cut at the length limit: the model had not finished]*"
+SIGN_IN = "<p><strong>Sign in with your Hugging Face account (button above) to start.</strong></p>"
+CUT_NOTE = "[cut at the length limit: the model had not finished]"
 
 
-def answer_md(text: str, cut: bool) -> str:
-    """An answer as shown, with a note under it when it stopped at the token limit (after closing a
-    code fence the cut left open, which would otherwise swallow the note)."""
-    if not cut:
-        return safe_markdown(text)
-    fence = "\n```" if text.count("```") % 2 else ""
-    return f"{safe_markdown(text)}{fence}\n\n{CUT_NOTE}"
+def answer_html(text: str, cut: bool = False) -> str:
+    """An answer as shown (ui.render: sanitized on the server), with a note under it when it stopped
+    at the token limit. Rendering closes whatever the cut left open (a code fence, a list)."""
+    note = f'<p class="cut-note"><em>{CUT_NOTE}</em></p>' if cut else ""
+    return f'<div class="pl-text">{render(text)}{note}</div>'
+
+
+def prompt_html(text: str) -> str:
+    return f'<div class="pl-text"><p><strong>Prompt:</strong></p>{render(text)}</div>'
+
+
+def _html(elem_id: str, value: str = "") -> gr.HTML:
+    """A pane for text written by a person or a model: ui.render made it safe; no click handler."""
+    return gr.HTML(value, elem_id=elem_id, js_on_load=None, apply_default_css=True)
 
 
 def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
     pair_id = gr.State(None)
-    prompt = gr.Markdown("Loading a prompt...", elem_id="prompt")
+    prompt = _html("prompt", "<p>Loading a prompt...</p>")
     with gr.Row(equal_height=True):
         with gr.Column(variant="panel"):
             gr.Markdown("#### A")
-            left = gr.Markdown(elem_id="answer-a", sanitize_html=True)
+            left = _html("answer-a")
         with gr.Column(variant="panel"):
             gr.Markdown("#### B")
-            right = gr.Markdown(elem_id="answer-b", sanitize_html=True)
+            right = _html("answer-b")
     with gr.Row():
         buttons = [
             gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
@@ -90,16 +98,15 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
         return [gr.Button(interactive=False) for _ in buttons]
 
     def show(upd: dict[str, Any], user: str) -> list[Any]:
-        return [f"**Prompt:** {safe_markdown(upd['prompt'])}", answer_md(upd["left"], upd["cut_left"]),
-                answer_md(upd["right"], upd["cut_right"]), upd["pair_id"],
+        return [prompt_html(upd["prompt"]), answer_html(upd["left"], upd["cut_left"]),
+                answer_html(upd["right"], upd["cut_right"]), upd["pair_id"],
                 *[gr.Button(interactive=True) for _ in buttons], _counts_md(svc, user), ""]
 
     def first_pair(request: gr.Request):
         """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
         user = who(request)
         if not user:  # Sign in with Hugging Face: the page reloads once signed in
-            yield ["**Sign in with your Hugging Face account (button above) to start.**", "", "", None,
-                   *disabled(), "", gr.skip()]
+            yield [SIGN_IN, "", "", None, *disabled(), "", gr.skip()]
             return
         pending = svc.resume(user)
         if pending is not None:
@@ -118,8 +125,8 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
                 if upd["done"]:
                     yield show(upd, user)
                 else:
-                    yield [f"**Prompt:** {safe_markdown(upd['prompt'])}", safe_markdown(upd["left"]),
-                           safe_markdown(upd["right"]), None,
+                    yield [prompt_html(upd["prompt"]), answer_html(upd["left"]),
+                           answer_html(upd["right"]), None,
                            *disabled(), gr.skip(), gr.skip()]
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
@@ -127,15 +134,19 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
     pair_outputs = [prompt, left, right, pair_id, *buttons, status, own]
 
     def make_vote(choice: str):
-        def vote(pid: str | None, request: gr.Request):
+        def record(user: str, pid: str) -> str:
+            out = svc.vote(user, pid, choice)
+            return f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"
+
+        async def vote(pid: str | None, request: gr.Request):
             user = _user(who, request)
             if not pid:
                 raise gr.Error("wait for both answers to finish before voting")
             try:
-                out = svc.vote(user, pid, choice)
+                line = await svc.off_loop(record, user, pid)
             except USER_ERRORS as e:
                 raise gr.Error(str(e)) from None
-            return [None, *disabled(), f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"]
+            return [None, *disabled(), line]
 
         return vote
 
@@ -144,12 +155,16 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
         # Explicit ui_* names keep the public names /next_pair and /vote free for build_api.
         button.click(
             make_vote(choice), [pair_id], [pair_id, *buttons, status], trigger_mode="once",
-            api_name=f"ui_vote_{choice}", api_visibility="private",
-        ).success(load_pair, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private")
-    skip.click(skip_pair, [pair_id], pair_outputs, api_name="ui_skip", api_visibility="private", trigger_mode="once")
+            api_name=f"ui_vote_{choice}", api_visibility="private", concurrency_limit=None,
+        ).success(load_pair, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private",
+                  concurrency_limit=None)
+    # Generation events have no per-event limit: the service's GenerationGate bounds them all together.
+    skip.click(skip_pair, [pair_id], pair_outputs, api_name="ui_skip", api_visibility="private", trigger_mode="once",
+               concurrency_limit=None)
     own_btn.click(load_pair, [own], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
-                  trigger_mode="once")
-    demo.load(first_pair, None, pair_outputs, api_name="ui_first_pair", api_visibility="private")
+                  trigger_mode="once", concurrency_limit=None)
+    demo.load(first_pair, None, pair_outputs, api_name="ui_first_pair", api_visibility="private",
+              concurrency_limit=None)
 
 
 def build_api(svc: Annotation, who: Identity) -> None:
@@ -163,11 +178,11 @@ def build_api(svc: Annotation, who: Identity) -> None:
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
-    def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
+    async def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
         """Record a vote on a pair issued to you: choice is left, right, tie or both_bad."""
         user = _user(who, request)
         try:
-            return svc.vote(user, pair_id, choice)
+            return await svc.off_loop(svc.vote, user, pair_id, choice)
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
