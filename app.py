@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--admins", default=os.environ.get("PREFLOOP_ADMINS"),
                    help="comma-separated admin names (env PREFLOOP_ADMINS). Default: the first user of the users "
                    "file; with --auth hf, the Space's owner (SPACE_AUTHOR_NAME)")
+    g.add_argument("--annotators", default=os.environ.get("PREFLOOP_ANNOTATORS"),
+                   help="with --auth hf: who may annotate: 'open' (anyone signed in), or a comma-separated list of "
+                   "Hugging Face user names and org:NAME entries (members of that organisation). Default: the admins "
+                   "only. With --auth password the users file is the list (env PREFLOOP_ANNOTATORS)")
     g.add_argument("--prompts", default=None,
                    help="prompts: a file (.txt one per line, .jsonl with 'prompt'), or a dataset (.parquet/.json/.csv "
                    "file or Hub id) with --prompts-column. Default: the bundled 211 prompts")
@@ -128,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the chosen answers' NLL added to IPO; see README, Rounds")
     g.add_argument("--epochs", type=float, default=TrainConfig.epochs, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=TrainConfig.lora_r, help="LoRA rank of new adapters")
+    g.add_argument("--max-share", type=float, default=RoundConfig.max_share,
+                   help="largest share of a round's training pairs one person may hold (admins are not capped); the "
+                   "rest wait for later rounds")
+    g.add_argument("--promote", choices=["auto", "manual"], default=None,
+                   help="auto: a round that passes the gate is served at once; manual: it waits for an admin in the "
+                   "Admin tab. Default: manual when --annotators is open, else auto")
     g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
                    help='run rounds under a launcher, e.g. "accelerate launch --num_processes 4" to train on 4 GPUs '
                    "(env PREFLOOP_TRAINER_LAUNCHER)")
@@ -206,7 +216,7 @@ def build(args: argparse.Namespace) -> App:
     from collector.prompts import PromptQueue
     from collector.sampling import SamplingParams
     from collector.serving import Serving
-    from collector.users import Users, UsersError, oauth_username, on_space_with_oauth
+    from collector.users import Access, Users, UsersError, space_oauth_missing
     from storage.votes import VoteStore
     from trainer.ipo import TrainConfig
     from trainer.rounds import RoundConfig, Rounds
@@ -219,11 +229,11 @@ def build(args: argparse.Namespace) -> App:
     password, users = None, None
     users_path = args.users or data_dir / "users.txt"
     if mode == "hf":
-        if not on_space_with_oauth():
-            raise UsersError("--auth hf needs a Hugging Face Space with `hf_oauth: true` in its README "
-                             "(SPACE_ID and OAUTH_CLIENT_ID are not set here); use --auth password")
-        owner = os.environ.get("SPACE_AUTHOR_NAME")
-        admins = {a.strip() for a in (args.admins or owner or "").split(",") if a.strip()}
+        missing = space_oauth_missing()
+        if missing:
+            raise UsersError(f"--auth hf runs only on a Hugging Face Space with `hf_oauth: true` in its README; "
+                             f"missing here: {', '.join(missing)}. Elsewhere use --auth password")
+        admins = space_admins(args.admins)
     else:
         if args.users is None and not users_path.exists():
             users, password = Users.generate(users_path)
@@ -235,6 +245,7 @@ def build(args: argparse.Namespace) -> App:
     hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
     queue.load(args.prompts, args.prompts_column, args.prompts_split)
+    access = Access(mode, store, admins, args.annotators)
 
     model = resolve_model(args.model, data_dir)
     store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves
@@ -258,7 +269,9 @@ def build(args: argparse.Namespace) -> App:
         serving.restore()
         engine.start_watchdog()
         quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
-        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher),
+        promote = args.promote or ("manual" if access.open else "auto")
+        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher), max_share=args.max_share,
+                                promote=promote,
                                 continue_learning_rate=args.continue_learning_rate, train=TrainConfig(
             beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, sft_weight=args.sft_weight,
             lora_r=args.lora_r, quantize=quantize))
@@ -274,11 +287,6 @@ def build(args: argparse.Namespace) -> App:
             pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate, repeat_rate=args.repeat_rate,
             max_concurrent_pairs=slots, max_waiting_pairs=args.max_waiting_pairs or 2 * slots))
 
-        def who(request: gr.Request) -> str | None:
-            if mode == "hf":
-                return oauth_username(request)
-            return getattr(request, "username", None) if request is not None else None
-
         # delete_cache: files handed to browsers (dataset exports) leave Gradio's cache after an hour.
         with gr.Blocks(title="PrefLoop", delete_cache=(3600, 3600)) as demo:
             with gr.Row():
@@ -287,10 +295,11 @@ def build(args: argparse.Namespace) -> App:
                     gr.LoginButton(elem_id="hf-login", scale=0)
             with gr.Tabs():
                 with gr.Tab("Annotate", id="annotate"):
-                    annotate.build(demo, svc, who)
+                    annotate.build(demo, svc, access)
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                    admin.build(demo, admin_tab, store, rounds, scheduler, serving, hub, who, admins)
-            annotate.build_api(svc, who)
+                    admin.build(demo, admin_tab, admin.Admin(store, rounds, scheduler, serving, hub, access,
+                                                             data_dir / "exports"))
+            annotate.build_api(svc, access)
         demo.queue(default_concurrency_limit=16, max_size=1024)
         skip_spaces_hot_reload()
         _, url, _ = demo.launch(
@@ -298,7 +307,7 @@ def build(args: argparse.Namespace) -> App:
             prevent_thread_lock=True, ssr_mode=False,
             quiet=True, head=annotate.SHORTCUTS_JS, footer_links=["api"],
             auth_message="Log in to compare answers.",
-            app_kwargs={"middleware": middleware(on_space=mode == "hf")},
+            app_kwargs={"middleware": middleware(on_space=os.environ.get("SYSTEM") == "spaces")},
         )
         scheduler.start()
         hub.start(every_s=args.hub_every_minutes * 60)
@@ -306,6 +315,9 @@ def build(args: argparse.Namespace) -> App:
         engine.close()
         raise
     print(f"PrefLoop is running at {url}", flush=True)
+    by = "by an admin (Admin tab)" if promote == "manual" else "when they pass the gate"
+    print(f"Who may annotate: {access.describe()}; rounds are promoted {by}; one person's share of a round "
+          f"is capped at {args.max_share:.0%} (admins are not capped).", flush=True)
     if mode == "hf":
         print(f"Annotators sign in with Hugging Face; admins: {', '.join(sorted(admins)) or 'none (set --admins)'}.",
               flush=True)
@@ -316,6 +328,26 @@ def build(args: argparse.Namespace) -> App:
         print(f"Log in with a user from {users_path}; admins: {', '.join(sorted(admins))}.", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     return App(demo, engine, scheduler, hub, url)
+
+
+def space_admins(explicit: str | None, env: dict[str, str] | None = None, api=None) -> set[str]:
+    """hf mode's admins: --admins, else the Space's owner. An organisation cannot sign in, so a
+    Space owned by one must name its admins; where the Hub cannot tell, say so and go on."""
+    from collector.users import UsersError, owner_is_organisation
+
+    env = os.environ if env is None else env
+    if explicit:
+        return {a.strip() for a in explicit.split(",") if a.strip()}
+    owner = env.get("SPACE_AUTHOR_NAME", "")
+    if not owner:
+        raise UsersError("name the admins with --admins or PREFLOOP_ADMINS (Hugging Face user names)")
+    is_org = owner_is_organisation(owner, api)
+    if is_org:
+        raise UsersError(f"this Space belongs to the organisation {owner!r}, which cannot sign in: list its admins by "
+                         "Hugging Face user name in the Space variable PREFLOOP_ADMINS (or --admins)")
+    if is_org is None:
+        logger.warning("could not ask the Hub whether %s is an organisation; if it is, set PREFLOOP_ADMINS", owner)
+    return {owner}
 
 
 def middleware(on_space: bool) -> list:

@@ -170,7 +170,7 @@ class Annotation:
         self.limiter.check(annotator)
         if prompt is not None and prompt.strip():
             text = check_prompt(prompt, self.config.max_prompt_chars)
-            prompt_id = self.store.prompt_id(text)
+            prompt_id = self.store.prompt_id(text, owner=annotator)  # theirs alone until an admin shares it
         elif (repeat := self._repeat(annotator)) is not None:
             yield repeat
             return

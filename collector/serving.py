@@ -177,6 +177,12 @@ class Serving:
         self._retire(previous)
         return time.perf_counter() - t0
 
+    def serve_on_purpose(self, name: str) -> float:
+        """An admin's choice of version: served even if it was rolled back before (the schedule
+        then keeps it); returns the seconds the swap took."""
+        self.store.set_setting(f"rolled_back:{name}", "")
+        return self.swap(name)
+
     def arena_opponent(self, rng) -> str | None:
         """An earlier served version or the base, loaded; None while the base serves."""
         if self.current == BASE:

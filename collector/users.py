@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class UsersError(ValueError):
@@ -109,7 +113,8 @@ class LoginThrottle:
     """Login attempts per user name and per client address in a sliding window.
 
     An attempt counts when it starts (so a burst of parallel guesses is cut off before any is
-    hashed); a successful login clears its name's count. Past ``per_name`` attempts on one name, or
+    hashed); a successful login clears its name's count and does not count for its address (a
+    team behind one address logs in freely; its wrong guesses add up). Past ``per_name`` attempts on one name, or
     ``per_address`` from one address, within ``window_s``, ``attempt`` returns the seconds to wait.
     Memory stays bounded: at most ``max_keys`` names and addresses are remembered.
     """
@@ -150,6 +155,9 @@ class LoginThrottle:
     def succeeded(self, name: str, address: str) -> None:
         with self._lock:
             self._seen.pop(("name", name), None)
+            q = self._seen.get(("address", address))
+            if q:
+                q.pop()
 
     def _prune(self, now: float) -> None:
         for k in [k for k, q in self._seen.items() if not q or now - q[-1] >= self.window_s]:
@@ -162,18 +170,41 @@ class LoginThrottle:
 
 # -- Hugging Face OAuth (on a Space) ---------------------------------------------------------
 
-SPACE_OAUTH_ENV = ("SPACE_ID", "OAUTH_CLIENT_ID")
+# What a Space with `hf_oauth: true` sets. Gradio runs its real OAuth routes only where SYSTEM is
+# "spaces"; elsewhere it installs a mock login that signs every visitor in as the owner of HF_TOKEN,
+# and without OAUTH_CLIENT_SECRET it signs session cookies with a public constant (any identity
+# could be forged). hf mode therefore refuses to start unless all of these are present.
+SPACE_OAUTH_ENV = ("SYSTEM", "SPACE_ID", "OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_SCOPES",
+                   "OPENID_PROVIDER_URL")
+
+
+def space_oauth_missing(env: dict[str, str] | None = None) -> list[str]:
+    """The variables a real Space with OAuth would set that are missing or wrong here."""
+    env = os.environ if env is None else env
+    missing = [k for k in SPACE_OAUTH_ENV if not env.get(k)]
+    if env.get("SYSTEM") and env.get("SYSTEM") != "spaces":
+        missing.insert(0, "SYSTEM=spaces")
+    return missing
 
 
 def on_space_with_oauth(env: dict[str, str] | None = None) -> bool:
-    """True on a Hugging Face Space whose README asks for ``hf_oauth: true``: the Hub then sets
-    SPACE_ID and the OAuth app's OAUTH_CLIENT_ID (with its secret, scopes and provider URL)."""
-    env = os.environ if env is None else env
-    return all(env.get(k) for k in SPACE_OAUTH_ENV)
+    """True on a Hugging Face Space whose README asks for ``hf_oauth: true``."""
+    return not space_oauth_missing(env)
 
 
-def oauth_username(request: Any) -> str | None:
-    """The Hugging Face user name of a request signed in with "Sign in with Hugging Face", or None.
+@dataclass(frozen=True)
+class Person:
+    """Someone making a request. ``key`` is what their votes are stored under: the users-file
+    name, or ``hf:<OpenID sub>`` (the account's stable id: a rename changes nothing); ``name`` is
+    what is shown; ``orgs``: their Hugging Face organisations (from the OpenID userinfo)."""
+
+    key: str
+    name: str
+    orgs: frozenset[str] = frozenset()
+
+
+def oauth_person(request: Any) -> Person | None:
+    """The person signed in with "Sign in with Hugging Face" on this request, or None.
 
     Gradio's OAuth routes store the OpenID ``userinfo`` in the signed session cookie; this reads it
     on the server for every event and API call (an expired login counts as none).
@@ -187,5 +218,136 @@ def oauth_username(request: Any) -> str | None:
     expires_at = info.get("expires_at")
     if expires_at is not None and expires_at < time.time():
         return None
-    name = (info.get("userinfo") or {}).get("preferred_username")
-    return str(name) if name else None
+    user = info.get("userinfo") or {}
+    sub, name = user.get("sub"), user.get("preferred_username")
+    if not sub or not name:
+        return None
+    orgs = frozenset(str(o.get("preferred_username")) for o in user.get("orgs") or []
+                     if isinstance(o, dict) and o.get("preferred_username"))
+    return Person(f"hf:{sub}", str(name), orgs)
+
+
+def oauth_username(request: Any) -> str | None:
+    """The Hugging Face user name of a signed-in request, or None."""
+    person = oauth_person(request)
+    return person.name if person else None
+
+
+OPEN = "open"
+
+
+def owner_is_organisation(owner: str, api=None) -> bool | None:
+    """Whether a Space owner is a Hugging Face organisation (True), a user (False), or unknown
+    (None: the Hub could not be asked)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = api or HfApi(token=os.environ.get("HF_TOKEN") or False)
+    try:
+        api.get_organization_overview(owner)
+        return True
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return False if status in (401, 404) else None
+    except Exception:  # no network, a timeout
+        return None
+
+
+class Access:
+    """Who is asking, checked on the server for every event; who may annotate; who is an admin.
+
+    ``mode`` "password": people of the users file (``request.username``, set by Gradio's login).
+    ``mode`` "hf": people signed in with Hugging Face, keyed by their OpenID ``sub``.
+
+    ``annotators`` (hf mode): "open" lets anyone signed in annotate; otherwise a comma-separated
+    list of user names and ``org:NAME`` entries (members of that organisation); None: the admins
+    only. In password mode the users file is the list.
+
+    Admins are named by user name. In hf mode the first account seen with an admin's name is bound
+    to it: another account that later carries the name (after a rename) is not an admin.
+    """
+
+    def __init__(self, mode: str, store, admins: set[str], annotators: str | None = None):
+        if mode not in ("password", "hf"):
+            raise ValueError(f"mode {mode!r}: use 'password' or 'hf'")
+        self.mode = mode
+        self.store = store
+        self.admins = set(admins)
+        entries = {a.strip() for a in (annotators or "").split(",") if a.strip()}
+        self.open = mode == "hf" and OPEN in entries
+        self.allowed_names = {e for e in entries if not e.startswith("org:") and e != OPEN}
+        self.allowed_orgs = {e[4:] for e in entries if e.startswith("org:")}
+        self._noted: dict[str, tuple[str, bool]] = {}
+        self._bound: dict[str, str] = {}  # admin name -> the account key it is bound to
+        self._lock = threading.Lock()
+        store.sync_admins(self.admins)
+        if mode == "password":
+            for name in self.admins:
+                self._note(Person(name, name), True)
+
+    def person(self, request: Any) -> Person | None:
+        if self.mode == "hf":
+            person = oauth_person(request)
+        else:
+            name = getattr(request, "username", None) if request is not None else None
+            person = Person(name, name) if name else None
+        if person is not None:
+            self._note(person, self._is_admin(person))
+        return person
+
+    def _is_admin(self, person: Person) -> bool:
+        if person.name not in self.admins:
+            return False
+        if self.mode == "hf":
+            with self._lock:
+                bound = self._bound.get(person.name)
+            if bound is None:
+                bound = self.store.bind_admin(person.name, person.key)
+                with self._lock:
+                    self._bound[person.name] = bound
+            if bound != person.key:
+                logger.warning("%s signed in with an admin's name but not the account that held it", person.name)
+                return False
+        return True
+
+    def _note(self, person: Person, admin: bool) -> None:
+        with self._lock:
+            if self._noted.get(person.key) == (person.name, admin):
+                return
+            self._noted[person.key] = (person.name, admin)
+        self.store.note_person(person.key, person.name, admin)
+
+    def is_admin(self, person: Person | None) -> bool:
+        return person is not None and self._is_admin(person)
+
+    def may_annotate(self, person: Person) -> bool:
+        if self.mode == "password" or self.open or self.is_admin(person):
+            return True
+        return person.name in self.allowed_names or bool(person.orgs & self.allowed_orgs)
+
+    def annotator(self, request: Any) -> str:
+        """The key of the person making this request if they may annotate; PermissionError if not."""
+        person = self.person(request)
+        if person is None:
+            raise PermissionError("log in first")
+        if not self.may_annotate(person):
+            raise PermissionError(f"you are signed in as {person.name}, who is not among this app's annotators; "
+                                  "ask an admin to add you")
+        return person.key
+
+    def admin(self, request: Any) -> Person:
+        """The person making this request if they are an admin; PermissionError if not."""
+        person = self.person(request)
+        if not self.is_admin(person):
+            raise PermissionError("admins only")
+        assert person is not None
+        return person
+
+    def describe(self) -> str:
+        """Who may annotate, in one line (for the start-up message)."""
+        if self.mode == "password":
+            return "the people of the users file"
+        if self.open:
+            return "anyone signed in with Hugging Face"
+        parts = sorted(self.allowed_names) + [f"members of {o}" for o in sorted(self.allowed_orgs)]
+        return ", ".join(parts) + " and the admins" if parts else "the admins only (set --annotators)"

@@ -130,8 +130,45 @@ def m0005_finish_reasons(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0006_people_private_prompts_round_votes(conn: sqlite3.Connection) -> None:
+    # people: who has signed in (key = what votes are stored under: a users-file name, or
+    # "hf:<OpenID sub>", stable across renames; name = what is shown) and who is an admin.
+    # prompts.owner: a prompt an annotator typed stays theirs (NULL: the shared pool) until an
+    # admin shares it; earlier typed prompts belong to whoever first asked about them.
+    # round_votes: which votes each round trained on; a vote trained by a promoted round is
+    # consumed, the rest (new, or held back by the per-person cap) wait for a later round. Earlier
+    # promoted rounds trained on every vote up to their watermark.
+    _run(
+        conn,
+        """
+        CREATE TABLE people (
+            key TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            admin INTEGER NOT NULL DEFAULT 0,
+            seen_at REAL NOT NULL
+        );
+        ALTER TABLE prompts ADD COLUMN owner TEXT;
+        UPDATE prompts SET owner = (SELECT annotator FROM pairs WHERE pairs.prompt_id = prompts.id
+                                    ORDER BY created_at LIMIT 1)
+            WHERE source = 'annotator';
+        CREATE INDEX prompts_owner ON prompts(owner);
+        CREATE TABLE round_votes (
+            round_id INTEGER NOT NULL REFERENCES rounds(id),
+            vote_id INTEGER NOT NULL REFERENCES votes(id),
+            PRIMARY KEY (round_id, vote_id)
+        );
+        CREATE INDEX round_votes_vote ON round_votes(vote_id);
+        INSERT INTO round_votes(round_id, vote_id)
+            SELECT (SELECT MIN(r.id) FROM rounds r WHERE r.status = 'promoted' AND r.watermark >= v.id), v.id
+            FROM votes v
+            WHERE v.id <= (SELECT COALESCE(MAX(watermark), 0) FROM rounds WHERE status = 'promoted');
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
+    m0006_people_private_prompts_round_votes,
 ]
 
 

@@ -100,10 +100,11 @@ class HubSync:
         """Stage, then upload what the repo lacks; retried with backoff. Returns files uploaded.
         Never raises: a failure is kept in ``status.last_error`` (the Admin tab shows it), and what
         was staged before is still pushed."""
+        staging_error = None
         try:
             self.stage()
         except Exception as e:  # a full disk, a permission: the votes stay in SQLite, staged next time
-            self.status.last_error = f"staging failed: {type(e).__name__}: {e}"[:300]
+            staging_error = self.status.last_error = f"staging failed: {type(e).__name__}: {e}"[:300]
             logger.exception("hub staging failed")
         if not self.status.enabled:
             return 0
@@ -111,7 +112,7 @@ class HubSync:
         for attempt in range(1, self.retries + 1):
             try:
                 n = self._push_once()
-                self.status.last_push, self.status.last_error = time.time(), None
+                self.status.last_push, self.status.last_error = time.time(), staging_error
                 self.refresh_status()
                 return n
             except Exception as e:  # network, HTTP, auth: keep the files, report, retry

@@ -210,7 +210,8 @@ class VoteStore:
             return conn.total_changes - before
 
     def prompt_stats(self) -> list[sqlite3.Row]:
-        """Every prompt with its vote count and both-bad count."""
+        """Every prompt of the shared pool with its vote count and both-bad count (prompts an
+        annotator typed are theirs alone until an admin shares them)."""
         with self._conn() as conn:
             return conn.execute(
                 """SELECT p.id, p.text, p.source,
@@ -219,8 +220,24 @@ class VoteStore:
                    FROM prompts p
                    LEFT JOIN pairs pr ON pr.prompt_id = p.id
                    LEFT JOIN votes v ON v.pair_id = pr.id
+                   WHERE p.owner IS NULL
                    GROUP BY p.id ORDER BY p.id"""
             ).fetchall()
+
+    def private_prompts(self) -> list[dict[str, Any]]:
+        """Prompts typed by annotators and not shared: id, text, owner, created_at; newest first."""
+        with self._conn() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT id, text, owner, created_at FROM prompts WHERE owner IS NOT NULL ORDER BY id DESC")]
+
+    def share_prompt(self, prompt_id: int, by: str) -> bool:
+        """Move a typed prompt into the shared pool (an admin's decision); False if it was not private."""
+        with self._conn() as conn:
+            changed = conn.execute("UPDATE prompts SET owner = NULL WHERE id = ? AND owner IS NOT NULL",
+                                   (prompt_id,)).rowcount == 1
+        if changed:
+            logger.info("prompt %d moved into the shared pool by %s", prompt_id, by)
+        return changed
 
     def prompts_seen_by(self, annotator: str) -> set[int]:
         with self._conn() as conn:
@@ -230,12 +247,14 @@ class VoteStore:
             ).fetchall()
         return {r[0] for r in rows}
 
-    def prompt_id(self, text: str, source: str = "annotator") -> int:
-        """The id of a prompt, inserting it if new (prompts typed by annotators)."""
+    def prompt_id(self, text: str, source: str = "annotator", owner: str | None = None) -> int:
+        """The id of a prompt, inserting it if new. A prompt typed by an annotator is inserted as
+        theirs (``owner``): the queue never serves it to anyone else. A text already known keeps
+        its row (a prompt of the shared pool stays shared)."""
         with self._conn() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO prompts(text, source, created_at) VALUES (?, ?, ?)",
-                (text, source, time.time()),
+                "INSERT OR IGNORE INTO prompts(text, source, created_at, owner) VALUES (?, ?, ?, ?)",
+                (text, source, time.time(), owner),
             )
             return conn.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
 
@@ -290,10 +309,12 @@ class VoteStore:
         with self._conn() as conn:
             row = conn.execute(
                 """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id
+                   LEFT JOIN prompts pr ON pr.id = p.prompt_id
                    WHERE p.repeat_of IS NULL
+                     AND (pr.owner IS NULL OR pr.owner = ?)
                      AND NOT EXISTS (SELECT 1 FROM pairs r WHERE r.repeat_of = p.id AND r.annotator = ?)
                    ORDER BY RANDOM() LIMIT 1""",
-                (annotator,),
+                (annotator, annotator),
             ).fetchone()
         return None if row is None else row[0]
 
@@ -421,6 +442,43 @@ class VoteStore:
             d["params"] = json.loads(d["params"])
             out.append(d)
         return out
+
+    # -- people --------------------------------------------------------------------------
+
+    def note_person(self, key: str, name: str, admin: bool) -> None:
+        """Remember who ``key`` is (the name shown for it) and whether they are an admin."""
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO people(key, name, admin, seen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET name = excluded.name, admin = excluded.admin, "
+                "seen_at = excluded.seen_at",
+                (key, name, int(admin), time.time()),
+            )
+
+    def people(self) -> dict[str, str]:
+        """key -> name shown, for everyone who signed in."""
+        with self._conn() as conn:
+            return {r[0]: r[1] for r in conn.execute("SELECT key, name FROM people")}
+
+    def admin_keys(self) -> set[str]:
+        """Keys of the people who were admins when last seen (a round does not cap their share)."""
+        with self._conn() as conn:
+            return {r[0] for r in conn.execute("SELECT key FROM people WHERE admin = 1")}
+
+    def bind_admin(self, name: str, key: str) -> str:
+        """Bind an admin's name to the first account key seen with it; returns the bound key (an
+        account that later carries the name, after a rename, is not that admin)."""
+        with self._conn() as conn:
+            conn.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (f"admin_account:{name}", key))
+            return conn.execute("SELECT value FROM settings WHERE key = ?", (f"admin_account:{name}",)).fetchone()[0]
+
+    def sync_admins(self, names: set[str]) -> None:
+        """At start: nobody whose name is no longer an admin keeps the admin mark."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT key, name FROM people WHERE admin = 1").fetchall()
+            for key, name in rows:
+                if name not in names:
+                    conn.execute("UPDATE people SET admin = 0 WHERE key = ?", (key,))
 
     def annotator_salt(self) -> str:
         """The salt that hashes annotator names in every export and push: $PREFLOOP_ANNOTATOR_SALT,

@@ -27,6 +27,7 @@ class HubStub:
         self.fail_before = 0
         self.fail_after = 0
         self.down = False
+        self.organisations: set[str] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -58,6 +59,14 @@ class HubStub:
             def do_GET(self) -> None:
                 if stub.down:
                     return self._send(503, {"error": "down"})
+                m = re.match(r"/api/organizations/([^/?]+)/overview", self.path)
+                if m:  # the organisations this stand-in knows; any other name is a user
+                    if m.group(1) in stub.organisations:
+                        return self._send(200, {"name": m.group(1), "fullname": m.group(1), "avatarUrl": "",
+                                                "isFollowing": False, "isVerified": False, "numUsers": 3,
+                                                "numModels": 0, "numSpaces": 1, "numDatasets": 0,
+                                                "numFollowers": 0, "numPapers": 0, "details": ""})
+                    return self._send(404, {"error": "Organization not found"})
                 m = re.match(r"/api/datasets/([^/]+/[^/]+)/tree/[^/?]+", self.path)
                 if m:
                     repo = stub.repos.get(m.group(1))

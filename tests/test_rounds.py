@@ -96,15 +96,19 @@ REJECTED = ("Well, that is a big question, and there are many things one could s
             "so let me ramble for a while before getting to any point at all.")
 
 
+SEEDERS = ["alice", "bob", "carol", "dave"]  # four people: none holds more than a round's 25% cap
+
+
 def _seed_votes(store: VoteStore, n: int) -> None:
     for i in range(n):
         text = f"Give me advice number {i}."
+        who = SEEDERS[i % len(SEEDERS)]
         pid = store.issue_pair(
-            annotator="alice", prompt_id=store.prompt_id(text), messages=[{"role": "user", "content": text}],
+            annotator=who, prompt_id=store.prompt_id(text, source="test"), messages=[{"role": "user", "content": text}],
             answer_left=CHOSEN if i % 2 else REJECTED, answer_right=REJECTED if i % 2 else CHOSEN,
             model_left="base", model_right="base", seed=i, params={}, timings={},
             finish_reasons=("stop", "length") if i % 2 else ("length", "stop"))  # the rambler was cut
-        store.record_vote(pid, "alice", "left" if i % 2 else "right")
+        store.record_vote(pid, who, "left" if i % 2 else "right")
 
 
 @pytest.fixture(scope="module")
@@ -251,14 +255,15 @@ def test_a_round_scores_every_heldout_vote_so_far_and_trains_on_the_new_ones():
     from trainer.rounds import split_votes
 
     rows = [_row(i, ["left", "right", "tie"][i % 3], prompt=f"prompt {i % 40}") for i in range(1, 301)]
-    cfg = RoundConfig(heldout_fraction=0.2, max_heldout_pairs=1000)
-    train, held = split_votes(rows, 200, cfg)
+    cfg = RoundConfig(heldout_fraction=0.2, max_heldout_pairs=1000, max_share=1.0)  # one voter: no cap here
+    consumed = set(range(1, 201))  # a promoted round trained on votes up to 200
+    train, held, _ = split_votes(rows, consumed, cfg)
     assert train and {p["vote_id"] for p in train} <= set(range(201, 301))  # only votes after the watermark
     held_ids = {p["vote_id"] for p in held}
     assert held_ids & set(range(1, 201)) and held_ids & set(range(201, 301))  # old and new held-out votes
     assert all(p["choice"] != "tie" for p in held)  # only pairs with a preference are scored
     assert not {p["prompt"][0]["content"] for p in held} & {p["prompt"][0]["content"] for p in train}
-    newest = split_votes(rows, 200, RoundConfig(heldout_fraction=0.2, max_heldout_pairs=5))[1]
+    newest = split_votes(rows, consumed, RoundConfig(heldout_fraction=0.2, max_heldout_pairs=5))[1]
     assert [p["vote_id"] for p in newest] == [p["vote_id"] for p in held][-5:]
 
 

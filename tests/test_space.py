@@ -110,12 +110,21 @@ def test_the_data_dir_goes_to_persistent_storage_on_a_space(tmp_path):
     assert default_data_dir({**space, "PREFLOOP_DATA_DIR": "/x"}, persistent) == Path("/x")
 
 
-def test_auth_mode_is_hf_only_on_a_space_with_oauth():
+SPACE_ENV = {"SYSTEM": "spaces", "SPACE_ID": "me/prefloop", "OAUTH_CLIENT_ID": "abc", "OAUTH_CLIENT_SECRET": "s",
+             "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "https://huggingface.co"}
+
+
+def test_auth_mode_is_hf_only_on_a_real_space_with_oauth():
     args = parse_args([])
-    assert auth_mode(args, {"SPACE_ID": "me/prefloop", "OAUTH_CLIENT_ID": "abc"}) == "hf"
+    assert auth_mode(args, SPACE_ENV) == "hf"
+    # Without SYSTEM=spaces Gradio mocks the login (anyone becomes HF_TOKEN's owner); without the
+    # secret it signs cookies with a public constant: neither is a Space with OAuth.
+    for missing in ("SYSTEM", "OAUTH_CLIENT_SECRET", "OAUTH_CLIENT_ID"):
+        assert auth_mode(args, {k: v for k, v in SPACE_ENV.items() if k != missing}) == "password", missing
+    assert auth_mode(args, {**SPACE_ENV, "SYSTEM": "local"}) == "password"
     assert auth_mode(args, {"SPACE_ID": "me/prefloop"}) == "password"  # hf_oauth not set in the README
     assert auth_mode(args, {}) == "password"
-    assert auth_mode(parse_args(["--auth", "password"]), {"SPACE_ID": "x", "OAUTH_CLIENT_ID": "y"}) == "password"
+    assert auth_mode(parse_args(["--auth", "password"]), SPACE_ENV) == "password"
 
 
 # -- the GPU plan ------------------------------------------------------------------------------
@@ -162,13 +171,15 @@ class _OpenIDStub(http.server.BaseHTTPRequestHandler):
 SECRET = "space-oauth-secret"
 
 
-def session_cookie(username: str) -> str:
+def session_cookie(username: str, sub: str | None = None, orgs: tuple[str, ...] = ()) -> str:
     """The cookie Gradio's OAuth callback sets after a login (Starlette's signed session): what a
     browser sends once its user has signed in with Hugging Face."""
     from itsdangerous import TimestampSigner
 
     session = {"oauth_info": {"access_token": "hf_oauth_token", "scope": "openid profile", "expires_at": 4102444800,
-                              "userinfo": {"preferred_username": username, "name": username.title()}}}
+                              "userinfo": {"sub": sub or f"sub-{username}", "preferred_username": username,
+                                           "name": username.title(),
+                                           "orgs": [{"sub": f"org-{o}", "preferred_username": o} for o in orgs]}}}
     data = base64.b64encode(json.dumps(session).encode())
     secret = hashlib.sha256((SECRET + "-v4").encode()).hexdigest()
     return TimestampSigner(secret).sign(data).decode()
@@ -183,7 +194,7 @@ def space_app(engine, smollm2_dir, tmp_path_factory):
            "OAUTH_CLIENT_ID": "prefloop-client", "OAUTH_CLIENT_SECRET": SECRET, "OAUTH_SCOPES": "openid profile",
            "OPENID_PROVIDER_URL": f"http://127.0.0.1:{provider.server_port}"}
     app = RunningApp(tmp_path_factory.mktemp("space-data"), engine, smollm2_dir,
-                     ["--round-every-votes", "0", "--admins", "me"], env=env)
+                     ["--round-every-votes", "0", "--admins", "me", "--annotators", "carol,dave,org:friends"], env=env)
     yield app
     app.stop()
     provider.shutdown()
@@ -218,7 +229,9 @@ def test_each_annotator_is_their_hugging_face_account_and_anonymous_calls_are_re
         dave.predict(pair["pair_id"], "right", api_name="/vote")
     with sqlite3.connect(space_app.data_dir / "votes.db") as db:
         rows = db.execute("SELECT annotator, choice FROM votes").fetchall()
-    assert rows == [("carol", "left")]
+    assert rows == [("hf:sub-carol", "left")]  # keyed by the account's stable id, not its name
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        assert ("hf:sub-carol", "carol") in db.execute("SELECT key, name FROM people").fetchall()
 
 
 def test_the_space_owner_named_in_admins_is_admin_and_an_annotator_is_not(space_app):

@@ -24,8 +24,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from storage.procs import die_with_parent
+from storage.rounds import AWAITING, FAILED, PROMOTED, REJECTED, RoundLog
 from storage.votes import VoteStore
-from trainer.data import build_pairs, is_heldout
+from trainer.data import build_pairs, cap_shares, is_heldout
 from trainer.ipo import TrainConfig, TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,12 @@ class RoundConfig:
         launcher (list[str], default []): run the trainer under this launcher instead of plain
             python, e.g. ``["accelerate", "launch", "--num_processes", "4"]`` for data-parallel
             training on 4 GPUs (the launcher gets ``-m trainer.ipo SPEC``).
+        max_share (float, default 0.25): the largest share of a round's training pairs one person's
+            votes may make up; their oldest votes train first and the rest wait for later rounds, so
+            one person (or a few accounts) cannot steer the model. Admins are not capped. 1: no cap.
+        promote (str, default "auto"): "auto" serves a round that passes the gate at once; "manual"
+            leaves it ``awaiting`` until an admin promotes (or rejects) it in the Admin tab. The app
+            picks "manual" when anyone may annotate.
         train (TrainConfig): hyperparameters.
     """
 
@@ -84,7 +91,17 @@ class RoundConfig:
     sample_prompts: int = 3
     timeout_s: float = 3600.0
     launcher: list[str] = field(default_factory=list)
+    max_share: float = 0.25
+    promote: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.init not in ("previous", "fresh"):
+            raise ValueError(f"init {self.init!r}: use 'previous' or 'fresh'")
+        if self.promote not in ("auto", "manual"):
+            raise ValueError(f"promote {self.promote!r}: use 'auto' or 'manual'")
+        if not 0 < self.max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
 
 
 SAMPLE_PROMPTS = [
@@ -175,13 +192,16 @@ def scored(heldout: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     return strict[max(0, len(strict) - limit):]
 
 
-def split_votes(rows: list[dict[str, Any]], after: int, cfg: RoundConfig
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) for a round over ``rows`` (every vote up to the watermark, oldest first):
-    it trains on the votes after ``after``, and scores every held-out vote so far, not only the new
-    ones: the gate judges the adapter on more pairs than one round's tenth."""
+def split_votes(rows: list[dict[str, Any]], consumed: set[int], cfg: RoundConfig, uncapped: set[str] = frozenset()
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """(train, held-out, held back) for a round over ``rows`` (every vote up to the watermark,
+    oldest first). It trains on the votes no promoted round consumed yet, within the per-person
+    cap (``held back``: pairs per person that wait for a later round), and scores every held-out
+    vote so far, not only the new ones: the gate judges the adapter on more pairs than one round's
+    tenth."""
     train, heldout = build_pairs(rows, cfg.heldout_fraction)
-    return [p for p in train if p["vote_id"] > after], scored(heldout, cfg.max_heldout_pairs)
+    train, held_back = cap_shares([p for p in train if p["vote_id"] not in consumed], cfg.max_share, uncapped)
+    return train, scored(heldout, cfg.max_heldout_pairs), held_back
 
 
 def sha256_dir(path: Path) -> str:
@@ -236,6 +256,7 @@ class Rounds:
 
     def __init__(self, store: VoteStore, data_dir: Path, base_model: str):
         self.store = store
+        self.log = RoundLog(store)
         self.data_dir = Path(data_dir)
         self.base_model = base_model
         self.adapters = self.data_dir / "adapters"
@@ -264,14 +285,10 @@ class Rounds:
     KEEP_WORK = 10
 
     def _cleanup_locked(self) -> None:
-        with self.store._conn() as conn:
-            for row in conn.execute("SELECT id, pid FROM rounds WHERE status = 'running'").fetchall():
-                if not pid_alive(row["pid"]) or row["pid"] == os.getpid():
-                    conn.execute(
-                        "UPDATE rounds SET status = 'failed', reason = ?, finished_at = ? WHERE id = ?",
-                        ("the trainer process died before finishing", time.time(), row["id"]),
-                    )
-                    logger.warning("round %d marked failed: its trainer died", row["id"])
+        # Under the lock no round of ours runs: a row still "running" belongs to a dead trainer.
+        for round_id in self.log.fail_dead(lambda pid: pid_alive(pid) and pid != os.getpid(),
+                                           "the trainer process died before finishing"):
+            logger.warning("round %d marked failed: its trainer died", round_id)
         for tmp in self.adapters.glob("*.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
         for old in sorted(p for p in self.work.iterdir() if p.is_dir())[: -self.KEEP_WORK]:
@@ -279,25 +296,52 @@ class Rounds:
 
     def promoted(self) -> list[dict[str, Any]]:
         """Promoted rounds, oldest first."""
-        with self.store._conn() as conn:
-            rows = conn.execute("SELECT * FROM rounds WHERE status = 'promoted' ORDER BY id").fetchall()
-        return [dict(r) for r in rows]
+        return self.log.all(PROMOTED)
 
     def all_rounds(self) -> list[dict[str, Any]]:
-        with self.store._conn() as conn:
-            return [dict(r) for r in conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()]
+        return self.log.all()
 
     def last_watermark(self) -> int:
-        with self.store._conn() as conn:
-            row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status = 'promoted'").fetchone()
-        return row[0] or 0
+        return self.log.last_watermark()
 
     def last_attempt_watermark(self) -> int:
         """The watermark of the newest finished round, whatever its verdict: the schedule counts new
         votes from here, so a rejected round does not trigger again on the same votes."""
-        with self.store._conn() as conn:
-            row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status != 'running'").fetchone()
-        return row[0] or 0
+        return self.log.last_attempt_watermark()
+
+    def awaiting(self) -> dict[str, Any] | None:
+        """The round waiting for an admin's decision (manual promotion), if any."""
+        rows = self.log.all(AWAITING)
+        return rows[-1] if rows else None
+
+    def approve(self, round_id: int, by: str) -> str:
+        """Promote an awaiting round; returns its adapter name (the app then hot-swaps it)."""
+        row = self.log.get(round_id)
+        if row is None or row["status"] != AWAITING:
+            raise RoundError(f"round {round_id} is not waiting for a decision"
+                             + (f" (it is {row['status']})" if row else ""))
+        if not self.log.decide(round_id, PROMOTED, f"{row['reason']}; promoted by {by}"):
+            raise RoundError(f"round {round_id} was decided by someone else meanwhile")
+        self._update_manifest(round_id, status=PROMOTED, promoted_by=by)
+        logger.info("round %d promoted by %s", round_id, by)
+        return row["adapter"]
+
+    def reject(self, round_id: int, by: str) -> None:
+        """Turn an awaiting round down; its adapter is removed (it was never served)."""
+        row = self.log.get(round_id)
+        if row is None or not self.log.decide(round_id, REJECTED, f"rejected by {by}"):
+            raise RoundError(f"round {round_id} is not waiting for a decision")
+        shutil.rmtree(self.adapters / row["adapter"], ignore_errors=True)
+        self._update_manifest(round_id, status=REJECTED, rejected_by=by)
+        logger.info("round %d rejected by %s", round_id, by)
+
+    def _update_manifest(self, round_id: int, **changes: Any) -> None:
+        path = self.manifests / f"{adapter_name(round_id)}.json"
+        if path.exists():
+            manifest = {**json.loads(path.read_text()), **changes}
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(manifest, indent=2, default=str))
+            os.replace(tmp, path)
 
     # -- a round -------------------------------------------------------------------------
 
@@ -325,6 +369,7 @@ class Rounds:
             self.lock.release()
 
     def _run_locked(self, cfg, on_progress, init_adapter, seed_pairs) -> dict[str, Any]:
+        held_back: dict[str, int] = {}
         if seed_pairs is not None:  # a warm start consumes no votes
             watermark = after = self.last_watermark()
             init = None
@@ -336,18 +381,17 @@ class Rounds:
             watermark = self.store.max_vote_id()
             after = 0 if cfg.init == "fresh" else self.last_watermark()
             init = None if cfg.init == "fresh" else init_adapter
-            train, heldout = split_votes(self.store.votes_with_pairs(0, watermark), after, cfg)
+            consumed = set() if cfg.init == "fresh" else self.log.consumed_votes()
+            train, heldout, held_back = split_votes(self.store.votes_with_pairs(0, watermark), consumed, cfg,
+                                                    self.store.admin_keys())
         if len(train) < cfg.min_pairs:
+            capped = (f" ({sum(held_back.values())} more wait: no one person may hold more than "
+                      f"{cfg.max_share:.0%} of a round's pairs, so more people must vote)") if held_back else ""
             raise RoundError(
-                f"{len(train)} training pairs since vote {after}; a round needs at least {cfg.min_pairs}. "
+                f"{len(train)} training pairs since vote {after}{capped}; a round needs at least {cfg.min_pairs}. "
                 "Collect more votes (ties and left/right count; both-bad does not)."
             )
-        with self.store._conn() as conn:
-            cur = conn.execute(
-                "INSERT INTO rounds(status, watermark, pid, started_at) VALUES ('running', ?, ?, ?)",
-                (watermark, os.getpid(), time.time()),
-            )
-            round_id = cur.lastrowid
+        round_id = self.log.start(watermark, os.getpid())
         name = adapter_name(round_id)
         logger.info("round %d started: %d train / %d held-out pairs, votes %d..%d, init=%s",
                     round_id, len(train), len(heldout), after + 1, watermark, init or "base")
@@ -364,29 +408,36 @@ class Rounds:
             "init": init, "base_model": self.base_model, "config": asdict(cfg),
             "source": "dataset" if seed_pairs is not None else "votes",
             "train_pairs": len(train), "heldout_pairs": len(heldout), "learning_rate": lr,
-            "started_at": time.time(),
+            "held_back_pairs": sum(held_back.values()), "started_at": time.time(),
         }
+        vote_ids = sorted({p["vote_id"] for p in train})
         try:
-            result = self._train_subprocess(work, cfg.timeout_s, on_progress, cfg.launcher)
+            result = self._train_subprocess(work, round_id, cfg.timeout_s, on_progress, cfg.launcher)
             ok, reason = gate(result, cfg)
             manifest["metrics"] = result
             if ok:
                 manifest["sha256"] = self._promote(work / "adapter", self.adapters / name)
-                status = "promoted"
+                status = PROMOTED if cfg.promote == "auto" else AWAITING
+                if status == AWAITING:
+                    reason += "; waiting for an admin to promote it (Admin tab)"
             else:
-                status = "rejected"
+                status = REJECTED
         except RoundError as e:
-            status, reason = "failed", str(e)
+            status, reason = FAILED, str(e)
         except BaseException as e:
-            status, reason = "failed", f"{type(e).__name__}: {e}"
-            self._finish(round_id, status, reason, None, manifest)
+            status, reason = FAILED, f"{type(e).__name__}: {e}"
+            self._finish(round_id, status, reason, None, manifest, vote_ids)
             raise
-        self._finish(round_id, status, reason, name if status == "promoted" else None, manifest)
-        if status == "promoted":
+        kept = status in (PROMOTED, AWAITING)
+        if status == AWAITING:  # one decision at a time: a newer candidate replaces an older one
+            for older in self.log.all(AWAITING):
+                self.reject(older["id"], f"round {round_id} (newer)")
+        self._finish(round_id, status, reason, name if kept else None, manifest, vote_ids)
+        if kept:
             shutil.rmtree(work, ignore_errors=True)  # failed rounds keep their logs for the admin
         return manifest
 
-    def _finish(self, round_id, status, reason, adapter, manifest) -> None:
+    def _finish(self, round_id, status, reason, adapter, manifest, vote_ids=()) -> None:
         manifest.update({"status": status, "reason": reason, "finished_at": time.time()})
         steps = self.work / adapter_name(round_id) / "metrics.jsonl"
         if steps.exists():  # per-step metrics outlive the work dir: the admin's training plots
@@ -395,14 +446,11 @@ class Rounds:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         os.replace(tmp, path)
-        with self.store._conn() as conn:
-            conn.execute(
-                "UPDATE rounds SET status = ?, reason = ?, adapter = ?, finished_at = ? WHERE id = ?",
-                (status, reason, adapter, time.time(), round_id),
-            )
+        self.log.finish(round_id, status, reason, adapter, vote_ids)
         logger.info("round %d %s: %s", round_id, status, reason)
 
-    def _train_subprocess(self, work: Path, timeout_s: float, on_progress, launcher: list[str]) -> dict[str, Any]:
+    def _train_subprocess(self, work: Path, round_id: int, timeout_s: float, on_progress,
+                          launcher: list[str]) -> dict[str, Any]:
         log = open(work / "train.log", "wb")
         command = [*launcher] if launcher else [sys.executable]
         proc = subprocess.Popen(
@@ -412,8 +460,7 @@ class Rounds:
             preexec_fn=die_with_parent,
         )
         log.close()
-        with self.store._conn() as conn:
-            conn.execute("UPDATE rounds SET pid = ? WHERE status = 'running' AND pid = ?", (proc.pid, os.getpid()))
+        self.log.set_pid(round_id, proc.pid)
         metrics = work / "metrics.jsonl"
         seen = 0
         deadline = time.monotonic() + timeout_s

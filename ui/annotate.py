@@ -1,6 +1,6 @@
 """The Annotate tab and the `/next_pair`, `/vote` API endpoints (same checks for both)."""
 
-from collections.abc import Callable
+import html
 from typing import Any
 
 import gradio as gr
@@ -8,6 +8,7 @@ import gradio as gr
 from collector.annotate import Annotation, Busy, RateLimited
 from collector.errors import EngineError
 from collector.prompts import PromptError
+from collector.users import Access
 from storage.errors import StorageError
 from ui.render import render
 
@@ -36,14 +37,12 @@ document.addEventListener('keydown', (e) => {
 
 USER_ERRORS = (PromptError, RateLimited, Busy, PermissionError, EngineError, StorageError)
 
-Identity = Callable[[gr.Request], str | None]
-
-
-def _user(who: Identity, request: gr.Request) -> str:
-    user = who(request)
-    if not user:
-        raise gr.Error("log in first", title="Not logged in")
-    return user
+def _user(access: Access, request: gr.Request) -> str:
+    """The annotator's key, checked on the server for this event; gr.Error if they may not annotate."""
+    try:
+        return access.annotator(request)
+    except PermissionError as e:
+        raise gr.Error(str(e), title="Not allowed") from None
 
 
 def _counts_md(svc: Annotation, user: str) -> str:
@@ -51,6 +50,8 @@ def _counts_md(svc: Annotation, user: str) -> str:
     return f"Your votes today: **{c['today']}** · all time: **{c['mine']}** · everyone: **{c['total']}**"
 
 
+NOT_LISTED = ("<p><strong>You are signed in as {name}, who is not among this app's annotators.</strong> "
+              "Ask an admin to add you.</p>")
 SIGN_IN = "<p><strong>Sign in with your Hugging Face account (button above) to start.</strong></p>"
 CUT_NOTE = "[cut at the length limit: the model had not finished]"
 
@@ -71,7 +72,7 @@ def _html(elem_id: str, value: str = "") -> gr.HTML:
     return gr.HTML(value, elem_id=elem_id, js_on_load=None, apply_default_css=True)
 
 
-def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
+def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
     pair_id = gr.State(None)
     prompt = _html("prompt", "<p>Loading a prompt...</p>")
@@ -104,10 +105,14 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
 
     def first_pair(request: gr.Request):
         """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
-        user = who(request)
-        if not user:  # Sign in with Hugging Face: the page reloads once signed in
+        person = access.person(request)
+        if person is None:  # Sign in with Hugging Face: the page reloads once signed in
             yield [SIGN_IN, "", "", None, *disabled(), "", gr.skip()]
             return
+        if not access.may_annotate(person):
+            yield [NOT_LISTED.format(name=html.escape(person.name)), "", "", None, *disabled(), "", gr.skip()]
+            return
+        user = person.key
         pending = svc.resume(user)
         if pending is not None:
             yield show(pending, user)
@@ -115,11 +120,11 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
         yield from load_pair("", request)
 
     def skip_pair(pid: str | None, request: gr.Request):
-        svc.skip(_user(who, request), pid)
+        svc.skip(_user(access, request), pid)
         yield from load_pair("", request)
 
     def load_pair(own_text: str, request: gr.Request):
-        user = _user(who, request)
+        user = _user(access, request)
         try:
             for upd in svc.stream_pair(user, own_text or None):
                 if upd["done"]:
@@ -139,7 +144,7 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
             return f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"
 
         async def vote(pid: str | None, request: gr.Request):
-            user = _user(who, request)
+            user = _user(access, request)
             if not pid:
                 raise gr.Error("wait for both answers to finish before voting")
             try:
@@ -167,12 +172,12 @@ def build(demo: gr.Blocks, svc: Annotation, who: Identity) -> None:
               concurrency_limit=None)
 
 
-def build_api(svc: Annotation, who: Identity) -> None:
+def build_api(svc: Annotation, access: Access) -> None:
     """`/next_pair` and `/vote` for scripts (gradio_client), with the same login and checks."""
 
     def next_pair(prompt: str, request: gr.Request) -> dict:
         """Sample a new pair for the logged-in annotator; pass a prompt, or "" for the queue's next."""
-        user = _user(who, request)
+        user = _user(access, request)
         try:
             return svc.next_pair(user, prompt or None)
         except USER_ERRORS as e:
@@ -180,7 +185,7 @@ def build_api(svc: Annotation, who: Identity) -> None:
 
     async def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
         """Record a vote on a pair issued to you: choice is left, right, tie or both_bad."""
-        user = _user(who, request)
+        user = _user(access, request)
         try:
             return await svc.off_loop(svc.vote, user, pair_id, choice)
         except USER_ERRORS as e:
