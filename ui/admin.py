@@ -232,7 +232,8 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
 
 
 def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
-    """The Admin tab's components and events, inside the current Blocks context."""
+    """The Admin tab's components and events, inside the current Blocks context. Dropdowns take any
+    value (``allow_custom_value``): each action checks its input itself, after the role check."""
     c: dict[str, Any] = {}
     c["summary"] = gr.Markdown(elem_id="admin-summary")
     with gr.Row():
@@ -260,7 +261,8 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
                                       elem_id="plot-votes", height=260)
     c["rounds"] = gr.Dataframe(headers=ROUND_COLUMNS, interactive=False, elem_id="rounds-table", wrap=True)
     with gr.Row():
-        c["version"] = gr.Dropdown(label="Promoted version", choices=[], elem_id="version", scale=2)
+        c["version"] = gr.Dropdown(label="Promoted version", choices=[], elem_id="version", scale=2,
+                                   allow_custom_value=True)
         serve_btn = gr.Button("Serve this version", elem_id="serve-version", scale=1)
     gr.Markdown("#### People's verdict: win rate against the base (arena pairs, Bradley-Terry, ties as half)")
     with gr.Row():
@@ -271,13 +273,15 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
     gr.Markdown("#### Annotators (agreement and kappa on pairs shown again)")
     c["quality"] = gr.Dataframe(headers=QUALITY_COLUMNS, interactive=False, elem_id="annotator-quality")
     with gr.Row():
-        c["person"] = gr.Dropdown(label="Annotator", choices=[], elem_id="person", scale=2)
+        c["person"] = gr.Dropdown(label="Annotator", choices=[], elem_id="person", scale=2,
+                                  allow_custom_value=True)
         exclude_btn = gr.Button("Exclude from training", elem_id="exclude", scale=1)
         include_btn = gr.Button("Include again", elem_id="include", scale=1)
     gr.Markdown("#### Typed prompts (each stays with its author until you share it)")
     c["typed"] = gr.Dataframe(headers=PROMPT_COLUMNS, interactive=False, elem_id="typed-prompts", wrap=True)
     with gr.Row():
-        c["typed_pick"] = gr.Dropdown(label="Typed prompt", choices=[], elem_id="typed-pick", scale=2)
+        c["typed_pick"] = gr.Dropdown(label="Typed prompt", choices=[], elem_id="typed-pick", scale=2,
+                                      allow_custom_value=True)
         share_btn = gr.Button("Move into the shared pool", elem_id="share-prompt", scale=1)
     c["timer"] = gr.Timer(2.0, active=False)
     outputs = list(c.values())
