@@ -263,8 +263,9 @@ class Access:
     list of user names and ``org:NAME`` entries (members of that organisation); None: the admins
     only. In password mode the users file is the list.
 
-    Admins are named by user name. In hf mode the first account seen with an admin's name is bound
-    to it: another account that later carries the name (after a rename) is not an admin.
+    Admins and listed annotators are named by user name. In hf mode the first account seen with a
+    listed name is bound to it: it keeps its place after a rename, and another account that later
+    carries the name is not given it.
     """
 
     def __init__(self, mode: str, store, admins: set[str], annotators: str | None = None):
@@ -278,7 +279,7 @@ class Access:
         self.allowed_names = {e for e in entries if not e.startswith("org:") and e != OPEN}
         self.allowed_orgs = {e[4:] for e in entries if e.startswith("org:")}
         self._noted: dict[str, tuple[str, bool]] = {}
-        self._bound: dict[str, str] = {}  # admin name -> the account key it is bound to
+        self._bound: dict[str, str] = {}  # listed name -> the account key it is bound to
         self._lock = threading.Lock()
         store.sync_admins(self.admins)
         if mode == "password":
@@ -295,20 +296,30 @@ class Access:
             self._note(person, self._is_admin(person))
         return person
 
-    def _is_admin(self, person: Person) -> bool:
-        if person.name not in self.admins:
-            return False
-        if self.mode == "hf":
+    def _listed(self, person: Person, names: set[str]) -> bool:
+        """Whether the person is one of ``names``. In hf mode a listed name is bound to the first
+        account seen with it: that account stays listed after a rename, and another account that
+        later takes the name is not."""
+        if self.mode == "password":
+            return person.name in names
+        for name in names:
             with self._lock:
-                bound = self._bound.get(person.name)
+                bound = self._bound.get(name)
             if bound is None:
-                bound = self.store.bind_admin(person.name, person.key)
-                with self._lock:
-                    self._bound[person.name] = bound
-            if bound != person.key:
-                logger.warning("%s signed in with an admin's name but not the account that held it", person.name)
-                return False
-        return True
+                bound = self.store.bound_key(name)
+                if bound is None and name == person.name:
+                    bound = self.store.bind_name(name, person.key)
+                if bound is not None:
+                    with self._lock:
+                        self._bound[name] = bound
+            if bound == person.key:
+                return True
+        if person.name in names:
+            logger.warning("%s signed in with a listed name but not the account that held it", person.name)
+        return False
+
+    def _is_admin(self, person: Person) -> bool:
+        return self._listed(person, self.admins)
 
     def _note(self, person: Person, admin: bool) -> None:
         with self._lock:
@@ -323,7 +334,7 @@ class Access:
     def may_annotate(self, person: Person) -> bool:
         if self.mode == "password" or self.open or self.is_admin(person):
             return True
-        return person.name in self.allowed_names or bool(person.orgs & self.allowed_orgs)
+        return bool(person.orgs & self.allowed_orgs) or self._listed(person, self.allowed_names)
 
     def annotator(self, request: Any) -> str:
         """The key of the person making this request if they may annotate; PermissionError if not."""

@@ -465,12 +465,17 @@ class VoteStore:
         with self._conn() as conn:
             return {r[0] for r in conn.execute("SELECT key FROM people WHERE admin = 1")}
 
-    def bind_admin(self, name: str, key: str) -> str:
-        """Bind an admin's name to the first account key seen with it; returns the bound key (an
-        account that later carries the name, after a rename, is not that admin)."""
+    def bind_name(self, name: str, key: str) -> str:
+        """Bind a name from the admin or annotator list to the first account key seen with it;
+        returns the bound key. The account keeps what the name gave it after a rename, and an
+        account that later carries the name is not given it."""
         with self._conn() as conn:
-            conn.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (f"admin_account:{name}", key))
-            return conn.execute("SELECT value FROM settings WHERE key = ?", (f"admin_account:{name}",)).fetchone()[0]
+            conn.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)", (f"name_account:{name}", key))
+            return conn.execute("SELECT value FROM settings WHERE key = ?", (f"name_account:{name}",)).fetchone()[0]
+
+    def bound_key(self, name: str) -> str | None:
+        """The account key a listed name is bound to, if it was seen."""
+        return self.get_setting(f"name_account:{name}")
 
     def sync_admins(self, names: set[str]) -> None:
         """At start: nobody whose name is no longer an admin keeps the admin mark."""

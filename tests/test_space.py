@@ -186,18 +186,48 @@ def session_cookie(username: str, sub: str | None = None, orgs: tuple[str, ...] 
 
 
 @pytest.fixture(scope="module")
-def space_app(engine, smollm2_dir, tmp_path_factory):
-    provider = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenIDStub)
-    threading.Thread(target=provider.serve_forever, daemon=True).start()
+def provider():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenIDStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def _space(engine, smollm2_dir, folder: Path, provider: str, args: list[str]) -> RunningApp:
+    """The app with the environment a Space with `hf_oauth: true` gets."""
     env = {"SYSTEM": "spaces", "SPACE_ID": "me/prefloop", "SPACE_AUTHOR_NAME": "me",
            "SPACE_HOST": "me-prefloop.hf.space",
            "OAUTH_CLIENT_ID": "prefloop-client", "OAUTH_CLIENT_SECRET": SECRET, "OAUTH_SCOPES": "openid profile",
-           "OPENID_PROVIDER_URL": f"http://127.0.0.1:{provider.server_port}"}
-    app = RunningApp(tmp_path_factory.mktemp("space-data"), engine, smollm2_dir,
-                     ["--round-every-votes", "0", "--admins", "me", "--annotators", "carol,dave,org:friends"], env=env)
+           "OPENID_PROVIDER_URL": provider}
+    return RunningApp(folder, engine, smollm2_dir, ["--round-every-votes", "0", "--admins", "me", *args], env=env)
+
+
+@pytest.fixture(scope="module")
+def space_app(engine, smollm2_dir, tmp_path_factory, provider):
+    app = _space(engine, smollm2_dir, tmp_path_factory.mktemp("space-data"), provider,
+                 ["--annotators", "carol,dave,org:friends"])
     yield app
     app.stop()
-    provider.shutdown()
+
+
+def _as(app: RunningApp, user: str, **kw):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False, headers={"Cookie": f"session={session_cookie(user, **kw)}"})
+
+
+def _admin_http(app: RunningApp, user: str, **kw) -> httpx.Client:
+    c = httpx.Client(base_url=app.url, timeout=60)
+    c.cookies.set("session", session_cookie(user, **kw))
+    return c
+
+
+def _admin_event(app: RunningApp, client: httpx.Client, name: str, data: list | None = None) -> dict:
+    from tests.test_admin import _call
+
+    config = client.get("config").json()
+    index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == name)
+    return [m for m in _call(client, index, data) if m.get("msg") in ("process_completed", "unexpected_error")][-1]
 
 
 def test_on_a_space_the_app_signs_people_in_with_hugging_face(space_app):
@@ -250,3 +280,109 @@ def test_the_space_owner_named_in_admins_is_admin_and_an_annotator_is_not(space_
     carol = [m for m in _call(client("carol"), index) if m.get("msg") == "process_completed"]
     assert carol and not carol[-1]["success"]
 
+
+
+def test_only_listed_people_and_members_of_listed_organisations_may_annotate(space_app):
+    with pytest.raises(Exception, match="erin, who is not among this app's annotators"):
+        _as(space_app, "erin").predict("", api_name="/next_pair")
+    assert _as(space_app, "frank", orgs=("friends",)).predict("", api_name="/next_pair")["pair_id"]
+    with pytest.raises(Exception, match="not among this app's annotators"):
+        _as(space_app, "gina", orgs=("strangers",)).predict("", api_name="/next_pair")
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        annotators = {r[0] for r in db.execute("SELECT DISTINCT annotator FROM pairs")}
+    assert "hf:sub-erin" not in annotators and "hf:sub-gina" not in annotators
+
+
+def test_a_rename_keeps_a_persons_votes_together_and_does_not_pass_on_an_admin_name(space_app):
+    pair = _as(space_app, "dave").predict("", api_name="/next_pair")
+    # dave renames himself; his account (sub) is the same: his pair is still his to vote on
+    vote = _as(space_app, "dave-renamed", sub="sub-dave").predict(pair["pair_id"], "right", api_name="/vote")
+    assert vote["choice"] == "right"
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        voter = db.execute("SELECT annotator FROM votes WHERE pair_id = ?", (pair["pair_id"],)).fetchone()
+        assert voter == ("hf:sub-dave",)
+        assert db.execute("SELECT name FROM people WHERE key = 'hf:sub-dave'").fetchone() == ("dave-renamed",)
+    assert _admin_event(space_app, _admin_http(space_app, "me"), "admin_refresh")["success"]  # binds "me"
+    # another account that now carries the admin's name is not the admin
+    impostor = _admin_event(space_app, _admin_http(space_app, "me", sub="sub-someone-else"), "admin_refresh")
+    assert not impostor["success"]
+
+
+@pytest.fixture(scope="module")
+def open_app(engine, smollm2_dir, tmp_path_factory, provider):
+    app = _space(engine, smollm2_dir, tmp_path_factory.mktemp("open-space"), provider,
+                 ["--annotators", "open", "--epochs", "1"])
+    yield app
+    app.stop()
+
+
+def _wait_round(app: RunningApp, timeout: float = 900) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(app.data_dir / "votes.db") as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+        if row is not None and row["status"] != "running":
+            return dict(row)
+        time.sleep(2)
+    raise AssertionError("the round did not finish")
+
+
+def _serving(app: RunningApp) -> str:
+    with sqlite3.connect(app.data_dir / "votes.db") as db:
+        row = db.execute("SELECT value FROM settings WHERE key = 'serving_adapter'").fetchone()
+    return row[0] if row else "base"
+
+
+def test_open_annotation_caps_each_person_and_waits_for_an_admin_to_promote(open_app):
+    import time
+
+    from storage.votes import VoteStore
+    from tests.test_rounds import CHOSEN, REJECTED
+
+    assert "Who may annotate: anyone signed in with Hugging Face; rounds are promoted by an admin" in \
+        open_app.log.read_text()
+    assert _as(open_app, "stranger").predict("", api_name="/next_pair")["pair_id"]  # open: anyone signed in
+    store = VoteStore(open_app.data_dir / "votes.db")
+
+    def votes(who: str, n: int, start: int) -> None:
+        for i in range(start, start + n):
+            text = f"Question {i}: give me advice."
+            pid = store.issue_pair(annotator=who, prompt_id=store.prompt_id(text, source="test"),
+                                   messages=[{"role": "user", "content": text}], answer_left=CHOSEN,
+                                   answer_right=REJECTED, model_left="base", model_right="base", seed=i,
+                                   params={}, timings={}, finish_reasons=("stop", "length"))
+            store.record_vote(pid, who, "left")
+
+    votes("hf:sub-zoe", 8, 0)  # one eager stranger
+    me = _admin_http(open_app, "me")
+    assert _admin_event(open_app, me, "admin_run_round")["success"]
+    deadline = time.monotonic() + 60
+    while "more people must vote" not in json.dumps(_admin_event(open_app, me, "admin_refresh")["output"]):
+        assert time.monotonic() < deadline, "the round should have been refused for want of people"
+        time.sleep(1)
+    with sqlite3.connect(open_app.data_dir / "votes.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0  # nothing trained on one person
+
+    for k, who in enumerate(("hf:sub-amy", "hf:sub-ben", "hf:sub-cal", "hf:sub-dan")):
+        votes(who, 2, 100 + 2 * k)
+    assert _admin_event(open_app, me, "admin_run_round")["success"]
+    row = _wait_round(open_app)
+    assert row["status"] == "awaiting", row
+    manifest = json.loads((open_app.data_dir / "rounds" / f"{row['adapter']}.json").read_text())
+    held_back = manifest["held_back_pairs"]
+    assert _serving(open_app) == "base"  # not served before an admin says so
+    stranger = _admin_event(open_app, _admin_http(open_app, "stranger"), "admin_promote")
+    assert not stranger["success"] and _serving(open_app) == "base"
+    assert _admin_event(open_app, me, "admin_promote")["success"]
+    assert _serving(open_app) == row["adapter"]
+    with sqlite3.connect(open_app.data_dir / "votes.db") as db:
+        assert db.execute("SELECT status FROM rounds WHERE id = ?", (row["id"],)).fetchone() == ("promoted",)
+        trained = db.execute("SELECT v.annotator, COUNT(*) FROM round_votes rv JOIN votes v ON v.id = rv.vote_id "
+                             "WHERE rv.round_id = ? GROUP BY v.annotator", (row["id"],)).fetchall()
+    trained = dict(trained)
+    # zoe holds no more than 25% of what trained; the rest of her votes (less the held-out slice) wait
+    assert 0 < trained["hf:sub-zoe"] <= 0.25 * sum(trained.values())
+    assert held_back > 0 and trained["hf:sub-zoe"] + held_back <= 8
