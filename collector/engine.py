@@ -139,6 +139,7 @@ class VLLMServer:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_API_KEY"] = self.api_key
+        env["PREFLOOP_DIE_WITH_PARENT"] = "1"  # collector/vllm_plugin.py: each vLLM process dies with its parent
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_gb))
         if len(os.sched_getaffinity(0)) <= 2:
             # vLLM-CPU keeps one core for its front end and computes on the rest: on 2 cores that

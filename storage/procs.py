@@ -45,10 +45,13 @@ def reap_pid_file(path: Path, grace_s: float = 10.0) -> int | None:
     path.unlink(missing_ok=True)
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        if marker not in cmdline:  # the pid now belongs to another program
+            return None
     except OSError:
-        return None
-    if marker not in cmdline:
-        return None
+        # The leader is gone. Members left in its group (a helper it started) are ours: Linux does
+        # not give a pid to a new process while it is still some group's id.
+        if not _group_alive(pid):
+            return None
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)

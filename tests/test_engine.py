@@ -69,14 +69,14 @@ def test_vllm_failing_to_start_reports_its_log_tail(tmp_path):
     assert "nosuch" in str(e.value).lower()
 
 
-def test_the_managed_server_key_cannot_be_mistaken_for_a_flag():
-    # A urlsafe key starting with "-" made vLLM's argparse fail (seen once in CI-like runs).
+def test_the_managed_server_key_travels_in_its_environment_not_its_command_line():
+    # The process list is readable by every local user; the environment is not.
     from collector.engine import VLLMServer
 
-    for _ in range(200):
-        server = VLLMServer(EngineConfig(model="m"))
-        assert f"--api-key={server.api_key}" in server.command()
-        assert not server.api_key.startswith("-")
+    server = VLLMServer(EngineConfig(model="m"))
+    assert server.api_key and not any(server.api_key in arg for arg in server.command())
+    assert server.environment()["VLLM_API_KEY"] == server.api_key
+    assert server.environment()["PREFLOOP_DIE_WITH_PARENT"] == "1"
 
 
 def test_a_small_machine_computes_on_every_core(engine, monkeypatch):

@@ -373,3 +373,12 @@ def test_an_organisation_owned_space_must_name_its_admins():
     assert space_admins(None, {"SPACE_AUTHOR_NAME": "alice"}, api) == {"alice"}
     assert space_admins("bob, carol", {"SPACE_AUTHOR_NAME": "acme"}, api) == {"bob", "carol"}
     stub.close()
+
+
+def test_sighup_stops_the_app_cleanly_like_sigterm(engine, smollm2_dir, tmp_path):
+    import signal
+
+    app = RunningApp(tmp_path / "data", engine, smollm2_dir, ["--round-every-votes", "0"])
+    app.proc.send_signal(signal.SIGHUP)  # a closed terminal: by default it would kill the app mid-write
+    assert app.proc.wait(timeout=60) == 0
+    assert "shutting down" in app.log.read_text()
