@@ -168,19 +168,20 @@ class Annotation:
         if not annotator:
             raise PermissionError("log in first")
         self.limiter.check(annotator)
-        if prompt is not None and prompt.strip():
-            text = check_prompt(prompt, self.config.max_prompt_chars)
-            prompt_id = self.store.prompt_id(text, owner=annotator)  # theirs alone until an admin shares it
-        elif (repeat := self._repeat(annotator)) is not None:
-            yield repeat
+        typed = check_prompt(prompt, self.config.max_prompt_chars) if prompt is not None and prompt.strip() else None
+        if typed is None and (repeat := self._repeat(annotator)) is not None:
+            yield repeat  # a pair shown again needs no generation
             return
-        else:
-            picked = self.queue.next_for(annotator)
-            if picked is None:
-                raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
-            prompt_id, text = picked
-        messages = [{"role": "user", "content": text}]
+        # The slot first: a request that will be told "busy" costs no database work.
         with self.gate.slot():
+            if typed is not None:
+                text, prompt_id = typed, self.store.prompt_id(typed, owner=annotator)  # theirs until shared
+            else:
+                picked = self.queue.next_for(annotator)
+                if picked is None:
+                    raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
+                prompt_id, text = picked
+            messages = [{"role": "user", "content": text}]
             stream = PairStream(self.serving.engine, messages, self.config.sampling, models=self.arena_models())
             for left, right in stream:
                 yield {"prompt": text, "left": left, "right": right, "done": False}

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from collector.errors import AdapterRejected, EngineError
-from storage.procs import die_with_parent, reap_pid_file, write_pid_file
+from storage.procs import child_setup, reap_pid_file, write_pid_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class EngineConfig:
         enable_lora (bool, default True): runtime LoRA; off only for benchmarks' no-LoRA ceiling.
         pid_file (Path | None, default None): where the managed server's process group is noted, so
             that a start after a crash of the app stops the server it left behind.
+        niceness (int, default 0): how much lower the server's CPU priority is than the app's. On a
+            CPU machine vLLM computes on every core; the app sets 10 there, so that a vote is
+            answered at once however busy generation is (bench/vote_under_load.py).
     """
 
     model: str = ""
@@ -86,6 +89,7 @@ class EngineConfig:
     extra_args: list[str] = field(default_factory=list)
     enable_lora: bool = True
     pid_file: Path | None = None
+    niceness: int = 0
 
 
 def free_port() -> int:
@@ -166,7 +170,7 @@ class VLLMServer:
         with os.fdopen(fd, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=die_with_parent,
+                env=env, start_new_session=True, preexec_fn=child_setup(self.config.niceness),
             )
         if self.pid_file is not None:
             write_pid_file(self.pid_file, self.proc.pid, PID_MARKER)

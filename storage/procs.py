@@ -26,6 +26,18 @@ def die_with_parent() -> None:
         pass
 
 
+def child_setup(niceness: int = 0):
+    """A ``preexec_fn``: die with the parent, and lower the child's CPU priority by ``niceness``
+    (on a few shared cores, the app's short requests then get the CPU first)."""
+
+    def setup() -> None:
+        die_with_parent()
+        if niceness:
+            os.nice(niceness)
+
+    return setup
+
+
 def write_pid_file(path: Path, pid: int, marker: str) -> None:
     """Remember a process group we lead (``pid``) and a string its command line contains."""
     Path(path).write_text(f"{pid}\n{marker}\n")

@@ -27,6 +27,7 @@ from storage.votes import VoteStore
 from trainer.rounds import RoundError, Rounds
 from trainer.schedule import Scheduler
 from ui import figures
+from ui.errors import refused
 
 ROUND_COLUMNS = ["round", "status", "adapter", "pairs (train/held-out)", "held-out acc", "KL/token", "verdict",
                  "started", "minutes"]
@@ -53,7 +54,7 @@ def require_admin(admin: Admin, request: Any) -> Person:
     try:
         return admin.access.admin(request)
     except PermissionError as e:
-        raise gr.Error(str(e), title="Forbidden") from None
+        raise refused(str(e), title="Forbidden") from None
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -68,7 +69,7 @@ def run_round(admin: Admin, request: Any) -> str:
     try:
         admin.scheduler.trigger(f"started by {person.name}")
     except RoundError as e:
-        raise gr.Error(str(e)) from None
+        raise refused(str(e)) from None
     return "round started"
 
 
@@ -80,11 +81,11 @@ def rollback(admin: Admin, request: Any) -> str:
 def serve(admin: Admin, name: str | None, request: Any) -> str:
     person = require_admin(admin, request)
     if not name or name not in {r["adapter"] for r in admin.rounds.promoted()}:
-        raise gr.Error("pick a promoted version")
+        raise refused("pick a promoted version")
     try:
         seconds = admin.serving.serve_on_purpose(name)
     except AdapterRejected as e:
-        raise gr.Error(str(e)) from None
+        raise refused(str(e)) from None
     return f"{person.name}: now serving {name} ({seconds:.1f} s)"
 
 
@@ -103,7 +104,7 @@ def push(admin: Admin, request: Any) -> str:
 def set_excluded(admin: Admin, annotator: str | None, excluded: bool, request: Any) -> str:
     person = require_admin(admin, request)
     if not annotator:
-        raise gr.Error("pick an annotator")
+        raise refused("pick an annotator")
     admin.store.set_excluded(annotator, excluded, by=person.name)
     shown = admin.store.people().get(annotator, annotator)
     return f"{shown}'s votes are {'left out of' if excluded else 'back in'} training (all kept)"
@@ -114,14 +115,14 @@ def decide(admin: Admin, promote: bool, request: Any) -> str:
     person = require_admin(admin, request)
     waiting = admin.rounds.awaiting()
     if waiting is None:
-        raise gr.Error("no round is waiting for a decision")
+        raise refused("no round is waiting for a decision")
     try:
         if not promote:
             admin.rounds.reject(waiting["id"], person.name)
             return f"round {waiting['id']} rejected"
         name = admin.rounds.approve(waiting["id"], person.name)
     except RoundError as e:
-        raise gr.Error(str(e)) from None
+        raise refused(str(e)) from None
     admin.serving.sync([r["adapter"] for r in admin.rounds.promoted()])
     return f"round {waiting['id']} promoted; now serving {admin.serving.current}" if admin.serving.current == name \
         else f"round {waiting['id']} promoted, but not served: see the log"
@@ -130,9 +131,9 @@ def decide(admin: Admin, promote: bool, request: Any) -> str:
 def share_prompt(admin: Admin, prompt_id: str | int | None, request: Any) -> str:
     person = require_admin(admin, request)
     if prompt_id in (None, ""):
-        raise gr.Error("pick a typed prompt")
+        raise refused("pick a typed prompt")
     if not admin.store.share_prompt(int(prompt_id), by=person.name):
-        raise gr.Error(f"prompt {prompt_id} is not a private typed prompt")
+        raise refused(f"prompt {prompt_id} is not a private typed prompt")
     return f"prompt {prompt_id} is in the shared pool now"
 
 

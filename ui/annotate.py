@@ -10,6 +10,7 @@ from collector.errors import EngineError
 from collector.prompts import PromptError
 from collector.users import Access
 from storage.errors import StorageError
+from ui.errors import refused
 from ui.render import render
 
 # label, choice, element id, keyboard keys
@@ -42,7 +43,7 @@ def _user(access: Access, request: gr.Request) -> str:
     try:
         return access.annotator(request)
     except PermissionError as e:
-        raise gr.Error(str(e), title="Not allowed") from None
+        raise refused(str(e), title="Not allowed") from None
 
 
 def _counts_md(svc: Annotation, user: str) -> str:
@@ -134,7 +135,7 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
                            answer_html(upd["right"]), None,
                            *disabled(), gr.skip(), gr.skip()]
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
+            raise refused(str(e)) from None
 
     pair_outputs = [prompt, left, right, pair_id, *buttons, status, own]
 
@@ -146,11 +147,11 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
         async def vote(pid: str | None, request: gr.Request):
             user = _user(access, request)
             if not pid:
-                raise gr.Error("wait for both answers to finish before voting")
+                raise refused("wait for both answers to finish before voting")
             try:
                 line = await svc.off_loop(record, user, pid)
             except USER_ERRORS as e:
-                raise gr.Error(str(e)) from None
+                raise refused(str(e)) from None
             return [None, *disabled(), line]
 
         return vote
@@ -181,7 +182,7 @@ def build_api(svc: Annotation, access: Access) -> None:
         try:
             return svc.next_pair(user, prompt or None)
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
+            raise refused(str(e)) from None
 
     async def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
         """Record a vote on a pair issued to you: choice is left, right, tie or both_bad."""
@@ -189,7 +190,7 @@ def build_api(svc: Annotation, access: Access) -> None:
         try:
             return await svc.off_loop(svc.vote, user, pair_id, choice)
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
+            raise refused(str(e)) from None
 
     gr.api(next_pair, api_name="next_pair", concurrency_limit=None)
     gr.api(vote, api_name="vote", concurrency_limit=None)
