@@ -93,6 +93,10 @@ def test_an_admin_exports_the_dataset_as_a_zip_with_both_configs(app, admin_fns)
     names = zipfile.ZipFile(path).namelist()
     assert "README.md" in names
     assert any(n.startswith("votes/") for n in names) and any(n.startswith("preferences/") for n in names)
+    again = [m for m in _call(_session(app, "alice"), admin_fns["admin_export"][0])
+             if m.get("msg") == "process_completed"]
+    assert again and again[-1]["success"]
+    assert len(list((app.data_dir / "exports").rglob("*.zip"))) == 1  # only the newest export is kept
 
 
 # -- each action, by its effect ---------------------------------------------------------------

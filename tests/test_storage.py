@@ -100,3 +100,51 @@ def test_a_database_from_before_finish_reasons_migrates_with_them_unknown(tmp_pa
     assert store.get_pair("old").finish_reasons == ("", "")
     store.record_vote("old", "a", "left")
     assert store.votes_with_pairs()[0]["finish_left"] is None
+
+
+def test_a_database_from_before_private_prompts_keeps_typed_prompts_with_their_author(tmp_path):
+    # Migration 6: typed prompts become their first asker's; votes up to the newest promoted
+    # round's watermark count as trained by it (earlier rounds trained on every vote up to theirs).
+    path = tmp_path / "votes.db"
+    conn = sqlite3.connect(path)
+    for migrate in MIGRATIONS[:5]:
+        migrate(conn)
+    conn.execute("INSERT INTO prompts(id, text, source, created_at) VALUES (1, 'bundled', 'prompts.txt', 0)")
+    conn.execute("INSERT INTO prompts(id, text, source, created_at) VALUES (2, 'my secret', 'annotator', 0)")
+    for i, (prompt, who) in enumerate([(2, "carol"), (2, "dave"), (1, "dave")], 1):
+        conn.execute(f"""INSERT INTO pairs(id, annotator, prompt_id, messages, answer_left, answer_right,
+                        model_left, model_right, seed, params, timings, created_at) VALUES ('p{i}', '{who}', {prompt},
+                        '[]', 'L', 'R', 'base', 'base', 1, '{{}}', '{{}}', {i})""")
+        conn.execute(f"INSERT INTO votes(id, pair_id, annotator, choice, created_at) VALUES ({i}, 'p{i}', '{who}', "
+                     f"'left', {i})")
+    conn.execute("INSERT INTO rounds(id, status, watermark, adapter, started_at) "
+                 "VALUES (1, 'promoted', 2, 'round-0001', 0)")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    store = VoteStore(path)
+    assert [p["owner"] for p in store.private_prompts()] == ["carol"]
+    assert [r["id"] for r in store.prompt_stats()] == [1]  # the queue sees the shared pool only
+    from storage.rounds import RoundLog
+
+    assert RoundLog(store).consumed_votes() == {1, 2}
+
+
+def test_typed_prompts_are_never_served_or_repeated_to_anyone_else_until_shared(tmp_path):
+    from collector.prompts import PromptQueue
+
+    store = VoteStore(tmp_path / "votes.db")
+    queue = PromptQueue(store)
+    store.add_prompts(["a shared one"], source="test")
+    secret = store.prompt_id("carol's private question", owner="carol")
+    pid = store.issue_pair(annotator="carol", prompt_id=secret, messages=[{"role": "user", "content": "x"}],
+                           answer_left="L", answer_right="R", model_left="base", model_right="base", seed=1,
+                           params={}, timings={})
+    store.record_vote(pid, "carol", "left")
+    seen = {queue.next_for(f"person{i}")[1] for i in range(20)}
+    assert seen == {"a shared one"}  # never carol's
+    assert store.repeat_candidate("dave") is None  # her voted pair is not shown again to others
+    assert store.repeat_candidate("carol") == pid  # but may be to her
+    assert store.share_prompt(secret, by="alice")
+    assert "carol's private question" in {r["text"] for r in store.prompt_stats()}  # in the queue's pool now
+    assert store.repeat_candidate("dave") == pid
