@@ -59,17 +59,13 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 def read_prompt_dataset(source: str, column: str = "prompt", split: str = "train", limit: int = 10_000) -> list[str]:
     """Prompts from a column of a dataset: a local parquet/json/csv file or folder, or a Hub id.
     A column of chat messages gives its first user message."""
-    from datasets import load_dataset
+    from storage.importer import load_any
 
     local = Path(source)
+    if local.is_file() and local.suffix not in (".parquet", ".json", ".csv"):
+        raise PromptError(f"{source}: use a .txt, .jsonl, .parquet, .json or .csv file, or a dataset id")
     try:
-        if local.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".csv": "csv"}.get(local.suffix)
-            if kind is None:
-                raise PromptError(f"{source}: use a .txt, .jsonl, .parquet, .json or .csv file, or a dataset id")
-            ds = load_dataset(kind, data_files=str(local), split=split)
-        else:
-            ds = load_dataset(source, split=split)
+        ds = load_any(source, split=split)
     except PromptError:
         raise
     except Exception as e:  # datasets raises many types; the message says what was wrong

@@ -42,24 +42,42 @@ def normalise(row: dict[str, Any]) -> tuple[list, list, list]:
     return prompt, chosen[-1:], rejected[-1:]
 
 
-def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """A local parquet/JSON(L) file or dataset folder, or a Hub dataset id."""
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def load_any(source: str, name: str | None = None, split: str = "train"):
+    """A ``datasets.Dataset`` from a local file, a local dataset folder, or a Hub dataset id.
+
+    A local folder is read into memory through a cache of its own, removed afterwards: datasets
+    caches a local folder under its folder name and config alone, so a second export folder called
+    ``export`` would otherwise come back with the first one's rows (or fail its split check).
+    """
+    import tempfile
+
     from datasets import load_dataset
 
     path = Path(source)
     if path.is_file():
-        kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        kind = FILE_BUILDERS.get(path.suffix)
         if kind is None:
-            raise StorageError(f"{source}: unknown file type; use parquet, json or jsonl")
-        ds = load_dataset(kind, data_files=str(path), split=split)
-    elif path.is_dir() and (path / "preferences").is_dir():
-        ds = load_dataset(str(path), "preferences", split=split)  # a PrefLoop export
-    else:
-        try:
-            ds = load_dataset(source, split=split)
-        except Exception as e:
-            raise StorageError(f"cannot load {source!r}: {type(e).__name__}: {e}") from e
-    return list(ds)
+            raise StorageError(f"{source}: unknown file type; use parquet, json, jsonl or csv")
+        return load_dataset(kind, data_files=str(path), split=split)
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="prefloop-datasets-") as cache:
+            return load_dataset(str(path), name, split=split, cache_dir=cache, keep_in_memory=True)
+    return load_dataset(source, name, split=split)
+
+
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """A local parquet/JSON(L) file or dataset folder (a PrefLoop export: its preferences), or a Hub id."""
+    path = Path(source)
+    name = "preferences" if path.is_dir() and (path / "preferences").is_dir() else None
+    try:
+        return list(load_any(source, name, split))
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"cannot load {source!r}: {type(e).__name__}: {e}") from e
 
 
 def import_pairs(store: VoteStore, source: str, split: str = "train") -> int:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from storage.errors import StorageError
+from storage.export import export_all
 from storage.hub import HubSync
 from storage.importer import import_pairs, normalise, seed_pairs
 from storage.votes import VoteStore
@@ -46,8 +47,9 @@ def test_export_folder_loads_with_both_configs(store, tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "8 votes, 6 preference pairs" in r.stdout
-    votes = load_dataset(str(out), "votes", split="train")
-    prefs = load_dataset(str(out), "preferences", split="train")
+    # a fresh cache: datasets caches a local folder by its name alone (storage.importer.load_any)
+    votes = load_dataset(str(out), "votes", split="train", cache_dir=str(tmp_path / "cache"))
+    prefs = load_dataset(str(out), "preferences", split="train", cache_dir=str(tmp_path / "cache"))
     assert len(votes) == 8 and len(prefs) == 6  # ties and both-bad stay in votes only
     assert sorted(set(votes["choice"])) == ["both_bad", "left", "right", "tie"]
     assert "alice" not in votes["annotator"] and len(votes[0]["annotator"]) == 16  # salted hash
@@ -70,7 +72,7 @@ def test_stock_dpo_trainer_trains_a_step_on_the_preferences_config(store, tmp_pa
     from storage.export import export_all
 
     export_all(store, tmp_path / "export", salt="s")
-    ds = load_dataset(str(tmp_path / "export"), "preferences", split="train")
+    ds = load_dataset(str(tmp_path / "export"), "preferences", split="train", cache_dir=str(tmp_path / "cache"))
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype="float32"),
         args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
@@ -158,7 +160,7 @@ def test_two_replicas_push_to_one_repo_without_collisions(tmp_path, hub):
     for path, data in hub.files(REPO).items():
         (local / path).parent.mkdir(parents=True, exist_ok=True)
         (local / path).write_bytes(data)
-    prefs = load_dataset(str(local), "preferences", split="train")
+    prefs = load_dataset(str(local), "preferences", split="train", cache_dir=str(tmp_path / "cache"))
     assert len(prefs) == 5
     assert len(set(prefs["vote_id"])) < 5  # vote ids collide across replicas...
     assert len(set(prefs["pair_id"])) == 5  # ...pair ids do not: the dedupe key
@@ -221,3 +223,17 @@ def test_the_app_pushes_its_last_votes_on_sigterm(engine, smollm2_dir, tmp_path,
 
     votes = pq.read_table(io.BytesIO(next(b for p, b in files.items() if p.startswith("votes/"))))
     assert sorted(votes.column("choice").to_pylist()) == ["left", "tie"]
+
+
+def test_two_export_folders_of_the_same_name_load_their_own_rows(tmp_path):
+    # datasets caches a local folder by its name and config: the importer must not be fooled.
+    from storage.importer import load_rows
+
+    for run, winner in (("first", "A"), ("second", "B")):
+        store = VoteStore(tmp_path / run / "votes.db")
+        pid = store.issue_pair(annotator="alice", prompt_id=None, messages=[{"role": "user", "content": "q"}],
+                               answer_left=winner, answer_right="other", model_left="base", model_right="base",
+                               seed=1, params={}, timings={})
+        store.record_vote(pid, "alice", "left")
+        export_all(store, tmp_path / run / "export", salt="s")
+        assert [r["chosen"][0]["content"] for r in load_rows(str(tmp_path / run / "export"))] == [winner]

@@ -325,7 +325,7 @@ def test_the_command_line_export_hashes_people_with_the_apps_salt(tmp_path):
     assert storage_main(["export", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     from datasets import load_dataset
 
-    rows = load_dataset(str(tmp_path / "out"), "votes", split="train")
+    rows = load_dataset(str(tmp_path / "out"), "votes", split="train", cache_dir=str(tmp_path / "cache"))
     assert rows[0]["annotator"] == annotator_id("alice", salt) != annotator_id("alice", "")
 
 
