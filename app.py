@@ -217,7 +217,7 @@ def build(args: argparse.Namespace) -> App:
 
     from collector.annotate import AnnotateConfig, Annotation
     from collector.engine import Engine, EngineConfig
-    from collector.gpu import cuda_total_gib, plan_for
+    from collector.gpu import ModelShape, cuda_total_gib, plan_for
     from collector.models import resolve_model
     from collector.prompts import PromptQueue
     from collector.sampling import SamplingParams
@@ -256,7 +256,9 @@ def build(args: argparse.Namespace) -> App:
     model = resolve_model(args.model, data_dir)
     store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves
     total_gib = cuda_total_gib()
-    plan = plan_for(total_gib) if total_gib is not None else None
+    plan = None
+    if total_gib is not None:  # the split of the card, from the model's own shape
+        plan = plan_for(total_gib, ModelShape.from_folder(model, args.max_model_len), serve_here=not args.vllm_url)
     if plan is not None:
         logger.info("GPU plan: %s", plan.note)
     if args.vllm_url:

@@ -77,7 +77,9 @@ def main() -> None:
     store = VoteStore(work / "votes.db")
     synthetic_votes(store, args.pairs, args.words)
     rounds = Rounds(store, work, str(model))
+    # One synthetic annotator: no per-person cap (it would hold back all but 25%).
     cfg = RoundConfig(heldout_fraction=0.0, sample_prompts=1, min_distinct_2=0.0, max_distinct_2_drop=1.0,
+                      max_share=1.0,
                       train=TrainConfig(epochs=args.epochs, max_length=args.max_length, batch_size=args.batch_size,
                                         quantize=args.quantize,
                                         bf16={"auto": None, "bf16": True, "fp32": False}[args.precision]))

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from collector.errors import ModelError
@@ -53,28 +54,73 @@ def resolve_model(spec: str | None, data_dir: Path) -> str:
                 f"a Hub id such as {CUDA_DEFAULT}, or 'embedded'"
             )
         return str(path.resolve())
-    check_hub_model(spec)
-    return spec
+    return fetch_model(spec)
 
 
-def check_hub_model(repo_id: str) -> None:
-    """Fail early, in one line, when a Hub id is unknown or the Hub cannot be reached."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+# What vLLM and transformers load from a model repo; consolidated/original checkpoints (Mistral's
+# own format, duplicates of the safetensors shards) and other formats are not downloaded.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+SKIPPED_FILES = ["consolidated*", "original/*", "*.pth", "*.bin", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(f"--model {repo_id}: HF_HUB_OFFLINE=1, so the Hub cannot be used; pass a local folder")
+
+def remove_stale_partials(repo_id: str, cache_dir: str | None = None, idle_s: float = 600.0) -> int:
+    """Delete partial downloads of ``repo_id`` that no process has written to for ``idle_s``: a
+    download killed mid-file (a restart, the OOM killer) leaves one behind, and huggingface_hub
+    starts every download in a file of its own, so they would pile up (gigabytes each for a 7B)."""
+    from huggingface_hub import constants
+
+    blobs = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    removed = 0
+    for partial in blobs.glob("*.incomplete"):
+        try:
+            if time.time() - partial.stat().st_mtime > idle_s:
+                partial.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    if removed:
+        logger.info("removed %d partial downloads of %s left by an interrupted start", removed, repo_id)
+    return removed
+
+
+def fetch_model(repo_id: str, cache_dir: str | None = None, endpoint: str | None = None) -> str:
+    """Download a Hub model into the Hugging Face cache before anything serves it, with a
+    progress bar, and return its local folder. A connection that drops mid-file is resumed where
+    it stopped (huggingface_hub asks for the rest with a byte range); a complete model is not
+    downloaded again; a start after a kill downloads the file it was in afresh (and removes the
+    partial one). ``HF_TOKEN`` is used for gated and private models. Every failure is one line
+    that says what to do."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    page = f"{endpoint or 'https://huggingface.co'}/{repo_id}"
+    remove_stale_partials(repo_id, cache_dir)
+    logger.info("fetching %s into the Hugging Face cache", repo_id)
     try:
-        HfApi().model_info(repo_id, timeout=10)
+        return snapshot_download(repo_id, token=os.environ.get("HF_TOKEN") or None, cache_dir=cache_dir,
+                                 endpoint=endpoint, allow_patterns=MODEL_FILES, ignore_patterns=SKIPPED_FILES)
     except GatedRepoError as e:
-        raise ModelError(f"--model {repo_id}: gated on the Hub; accept its terms and set HF_TOKEN ({e})") from e
+        raise ModelError(f"--model {repo_id} is gated: accept its licence at {page} with your Hugging Face account, "
+                         "then set HF_TOKEN to a token of that account (a secret, on a Space)") from e
     except RepositoryNotFoundError as e:
-        raise ModelError(f"--model {repo_id}: no such model on the Hub; check the id, or pass a local folder") from e
-    except Exception as e:  # connection errors come in many types
-        raise ModelError(
-            f"--model {repo_id}: the Hub cannot be reached ({type(e).__name__}); "
-            "pass a local folder, or use the embedded model (--model embedded)"
-        ) from e
+        raise ModelError(f"--model {repo_id}: no such model on the Hub, or a private one HF_TOKEN cannot read; "
+                         "check the id, or pass a local folder") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelError(f"--model {repo_id}: the Hub cannot be reached and the model is not in the cache "
+                         "(HF_HUB_OFFLINE or no network); pass a local folder, or use --model embedded") from e
+    except (HfHubHTTPError, OSError, ConnectionError) as e:
+        raise ModelError(f"--model {repo_id}: the download stopped ({type(e).__name__}: {str(e)[:200]}); start "
+                         "again: it resumes where it stopped") from e
+    except Exception as e:  # httpx's network errors come in many types
+        if type(e).__module__.startswith(("httpx", "httpcore")):
+            raise ModelError(f"--model {repo_id}: the download stopped ({type(e).__name__}); start again: it "
+                             "resumes where it stopped") from e
+        raise
 
 
 def embedded_gguf() -> Path:

@@ -4,6 +4,13 @@ reached from these machines. It speaks just what huggingface_hub's ``create_repo
 files in memory, records every attempt to overwrite or delete a file, and can fail commits on
 demand: before applying them (``fail_before``) or after applying them with the answer lost
 (``fail_after``).
+
+Model repos (``models``) also serve what ``snapshot_download`` reads: repo info, the file tree, and
+files under ``/{repo}/resolve/{revision}/{path}`` with HEAD metadata and byte ranges. A repo in
+``gated`` answers as a gated model does to a token without access; ``cut_after`` cuts a file
+download after that many bytes (a dropped connection), ``stall_after`` stops sending after that many
+(``stalled`` is set; ``release`` ends the wait), so that a test can kill the downloader mid-file;
+``ranges`` records the Range headers seen.
 """
 
 from __future__ import annotations
@@ -28,15 +35,41 @@ class HubStub:
         self.fail_after = 0
         self.down = False
         self.organisations: set[str] = set()
+        self.models: dict[str, list[tuple[str, dict[str, bytes]]]] = {}  # repo -> commits (sha, files)
+        self.tags: dict[str, dict[str, str]] = {}  # model repo -> tag -> commit sha
+        self.gated: set[str] = set()
+        self.cut_after: int | None = None
+        self.stall_after: int | None = None  # send this much of the next big file, then wait
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.ranges: list[str] = []
+        self.downloads: list[str] = []  # model files sent (GET), in order
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self._server.shutdown()
+        self._server.server_close()
 
     def files(self, repo: str) -> dict[str, bytes]:
         return self.repos.get(repo, {})
+
+    def add_model(self, repo: str, files: dict[str, bytes]) -> str:
+        """A model repo with one commit holding ``files``; returns the commit sha."""
+        sha = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        self.models[repo] = [(sha, dict(files))]
+        return sha
+
+    def model_files(self, repo: str, revision: str = "main") -> dict[str, bytes]:
+        return self._revision(repo, revision)[1]
+
+    def _revision(self, repo: str, revision: str) -> tuple[str, dict[str, bytes]]:
+        commits = self.models[repo]
+        if revision == "main":
+            return commits[-1]
+        sha = self.tags.get(repo, {}).get(revision, revision)
+        return next(c for c in commits if c[0] == sha)
 
     def _handler(self):
         stub = self
@@ -56,9 +89,94 @@ class HubStub:
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _model_refusal(self, repo: str) -> bool:
+                """Answer as the Hub does for a missing or gated model repo; True if it did."""
+                if repo in stub.gated:
+                    data = json.dumps({"error": f"Access to model {repo} is restricted. You must have access to it "
+                                               "and be authenticated to access it."}).encode()
+                    self.send_response(401)
+                    self.send_header("X-Error-Code", "GatedRepo")
+                elif repo not in stub.models:
+                    data = json.dumps({"error": "Repository not found"}).encode()
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                else:
+                    return False
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                return True
+
+            def _resolve(self, head: bool) -> bool:
+                m = re.match(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+                if not m or m.group(1).startswith("api/"):
+                    return False
+                repo, revision, path = m.groups()
+                if self._model_refusal(repo):
+                    return True
+                sha, files = stub._revision(repo, revision)
+                if path not in files:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.end_headers()
+                    return True
+                data = files[path]
+                start = 0
+                if self.headers.get("Range"):
+                    stub.ranges.append(self.headers["Range"])
+                    start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1))
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", sha)
+                self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if head:
+                    return True
+                body = data[start:]
+                stub.downloads.append(path)
+                if stub.stall_after is not None and len(body) > stub.stall_after:
+                    self.wfile.write(body[:stub.stall_after])
+                    self.wfile.flush()
+                    stub.stalled.set()
+                    stub.release.wait(60)  # until the test has killed the downloader
+                    return True
+                if stub.cut_after is not None and len(body) > stub.cut_after:
+                    body, stub.cut_after = body[:stub.cut_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-file
+                    return True
+                self.wfile.write(body)
+                return True
+
+            def do_HEAD(self) -> None:
+                if not self._resolve(head=True):
+                    self.send_response(404)
+                    self.end_headers()
+
             def do_GET(self) -> None:
                 if stub.down:
                     return self._send(503, {"error": "down"})
+                if self._resolve(head=False):
+                    return None
+                m = re.match(r"/api/models/([^/]+/[^/]+)/revision/([^/?]+)", self.path)
+                if m:
+                    if self._model_refusal(m.group(1)):
+                        return None
+                    sha, files = stub._revision(m.group(1), m.group(2))
+                    return self._send(200, {"id": m.group(1), "sha": sha, "private": False,
+                                            "siblings": [{"rfilename": p} for p in sorted(files)]})
+                m = re.match(r"/api/models/([^/]+/[^/]+)/tree/([^/?]+)", self.path)
+                if m:
+                    if self._model_refusal(m.group(1)):
+                        return None
+                    _, files = stub._revision(m.group(1), m.group(2))
+                    return self._send(200, [{"type": "file", "path": p, "size": len(b),
+                                             "oid": hashlib.sha1(b).hexdigest()} for p, b in sorted(files.items())])
                 m = re.match(r"/api/organizations/([^/?]+)/overview", self.path)
                 if m:  # the organisations this stand-in knows; any other name is a user
                     if m.group(1) in stub.organisations:

@@ -25,7 +25,7 @@ import yaml
 
 from app import auth_mode, default_data_dir, parse_args
 from collector.errors import EngineError
-from collector.gpu import plan_for
+from collector.gpu import ModelShape, plan_for
 from tests.conftest import ROOT, RunningApp
 
 # -- the Space's files -------------------------------------------------------------------------
@@ -127,24 +127,26 @@ def test_auth_mode_is_hf_only_on_a_real_space_with_oauth():
     assert auth_mode(parse_args(["--auth", "password"]), SPACE_ENV) == "password"
 
 
-# -- the GPU plan ------------------------------------------------------------------------------
-
-VLLM_7B_WEIGHTS_GIB = {None: 13.5, "bitsandbytes": 4.0}
-TRAINER_GIB = {"4bit": 8.0, None: 22.0}
+# -- the GPU plan (more in tests/test_fetch.py) ---------------------------------------------------
 
 
 @pytest.mark.parametrize("card_gib", [22.0, 44.4, 79.1, 139.8])  # L4/A10G, L40S, H100, H200
-def test_the_gpu_plan_fits_server_kv_cache_and_trainer_on_one_card(card_gib):
-    plan = plan_for(card_gib)
+def test_the_gpu_plan_fits_a_7b_server_its_kv_cache_and_trainer_on_one_card(card_gib):
+    from tests.test_fetch import MISTRAL_7B
+
+    shape = ModelShape.from_config(MISTRAL_7B)
+    plan = plan_for(card_gib, shape)
     vllm_gib = plan.gpu_memory_utilization * card_gib
-    kv_gib = vllm_gib - VLLM_7B_WEIGHTS_GIB[plan.vllm_quantization] - 1.5  # CUDA graphs, activations
+    kv_gib = vllm_gib - shape.weights_gib(plan.vllm_quantization == "bitsandbytes") - 1.5  # graphs, activations
     assert kv_gib >= 3.5, plan  # >= 8 pairs at the full 2,048-token context (128 KiB per token)
-    assert vllm_gib + TRAINER_GIB[plan.trainer_quantize] + 1.0 <= card_gib, plan  # + the trainer's context
+    assert vllm_gib + shape.trainer_gib(plan.trainer_quantize == "4bit") + 1.0 <= card_gib + 1e-6, plan
 
 
 def test_a_card_too_small_for_a_7b_server_and_trainer_is_refused_with_the_way_out():
+    from tests.test_fetch import MISTRAL_7B
+
     with pytest.raises(EngineError, match="--vllm-url"):
-        plan_for(15.0)
+        plan_for(15.0, ModelShape.from_config(MISTRAL_7B))
 
 
 # -- Sign in with Hugging Face -------------------------------------------------------------------
