@@ -35,7 +35,7 @@ fi
 if [ $DEV = 1 ]; then
   DSTAMP=$VENV/.installed-dev-$HASH
   if [ ! -f "$DSTAMP" ]; then
-    $VENV/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[$ENGINE,dev]"
+    $VENV/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
     touch "$DSTAMP"
   fi
   if [ ! -x /usr/bin/chromium ]; then
