@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/round.py                       # embedded SmolLM2 on CPU
     .venv/bin/python bench/round.py --pairs 64 --max-length 512
-    python bench/round.py --mistral-7b-shaped --quantize 4bit --pairs 1000 --max-length 512   # CUDA
+    .venv/bin/python bench/round.py --quantize both       # 16-bit, then QLoRA (nf4), side by side
+    python bench/round.py --mistral-7b-shaped --quantize both --pairs 1000 --max-length 512   # CUDA
 
 --mistral-7b-shaped builds a randomly initialised Mistral-7B-shaped model (no download) for speed
 figures on a GPU; MFU is reported against --peak-tflops (default: H100 SXM dense bf16, 989).
@@ -64,7 +65,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--quantize", choices=["4bit"], default=None)
+    p.add_argument("--quantize", choices=["none", "4bit", "both"], default="none",
+                   help="both: a 16-bit round, then a QLoRA (nf4) round on the same pairs, side by side")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has it (CUDA, AVX512-BF16/AMX CPUs)")
     p.add_argument("--mistral-7b-shaped", action="store_true")
@@ -73,6 +75,19 @@ def main() -> None:
     args = p.parse_args()
     model = mistral_7b_shaped(args.data_dir / "mistral-7b-shaped") if args.mistral_7b_shaped \
         else embedded_model(args.data_dir)
+    rows = []
+    for quantize in (["none", "4bit"] if args.quantize == "both" else [args.quantize]):
+        rows.append((quantize, *one_round(args, model, None if quantize == "none" else "4bit")))
+    if len(rows) > 1:
+        print("\n| base weights | s/step | tokens/s | peak RSS (MB) | peak CUDA (MB) | train loss |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for quantize, r, _ in rows:
+            print(f"| {'nf4 (QLoRA)' if quantize == '4bit' else '16-bit'} | {r['seconds_per_step']:.2f} | "
+                  f"{r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} | {r.get('peak_cuda_mb', 0):.0f} | "
+                  f"{r['train_loss']:.3f} |")
+
+
+def one_round(args, model: Path, quantize: str | None) -> tuple[dict, float]:
     work = Path(tempfile.mkdtemp(prefix="round-bench-"))
     store = VoteStore(work / "votes.db")
     synthetic_votes(store, args.pairs, args.words)
@@ -81,14 +96,14 @@ def main() -> None:
     cfg = RoundConfig(heldout_fraction=0.0, sample_prompts=1, min_distinct_2=0.0, max_distinct_2_drop=1.0,
                       max_share=1.0,
                       train=TrainConfig(epochs=args.epochs, max_length=args.max_length, batch_size=args.batch_size,
-                                        quantize=args.quantize,
+                                        quantize=quantize,
                                         bf16={"auto": None, "bf16": True, "fp32": False}[args.precision]))
     t0 = time.time()
     m = rounds.run(cfg)
     wall = time.time() - t0
     r = m["metrics"]
-    print(json.dumps({k: r.get(k) for k in ("steps", "seconds_per_step", "tokens_per_second", "peak_rss_mb",
-                                            "peak_cuda_mb", "train_seconds", "train_loss")}, indent=1))
+    print(json.dumps({k: r.get(k) for k in ("base_precision", "steps", "seconds_per_step", "tokens_per_second",
+                                            "peak_rss_mb", "peak_cuda_mb", "train_seconds", "train_loss")}, indent=1))
     print(f"round wall time (load, train, samples, promote): {wall:.0f} s; verdict {m['status']}")
     if args.mistral_7b_shaped and r.get("tokens_per_second"):
         params = 7.24e9
@@ -96,6 +111,7 @@ def main() -> None:
         # reference pass (adapter disabled) adds one more forward: ~8 x params per token.
         tflops = 8 * params * r["tokens_per_second"] / 1e12
         print(f"~{tflops:.0f} TFLOP/s, MFU {100 * tflops / args.peak_tflops:.1f}% of {args.peak_tflops:g}")
+    return r, wall
 
 
 if __name__ == "__main__":

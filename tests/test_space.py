@@ -365,7 +365,7 @@ def test_a_rename_keeps_a_persons_votes_together_and_does_not_pass_on_an_admin_n
 @pytest.fixture(scope="module")
 def open_app(engine, smollm2_dir, tmp_path_factory, provider):
     app = _space(engine, smollm2_dir, tmp_path_factory.mktemp("open-space"), provider,
-                 ["--annotators", "open", "--epochs", "1"])
+                 ["--annotators", "open", "--epochs", "1", "--quantize", "4bit"])  # QLoRA rounds, on the CPU
     yield app
     app.stop()
 
@@ -390,7 +390,7 @@ def _serving(app: RunningApp) -> str:
     return row[0] if row else "base"
 
 
-def test_open_annotation_caps_each_person_and_waits_for_an_admin_to_promote(open_app):
+def test_open_annotation_caps_each_person_and_a_qlora_round_waits_for_an_admin_to_promote(open_app):
     import time
 
     from storage.votes import VoteStore
@@ -427,6 +427,7 @@ def test_open_annotation_caps_each_person_and_waits_for_an_admin_to_promote(open
     assert row["status"] == "awaiting", row
     manifest = json.loads((open_app.data_dir / "rounds" / f"{row['adapter']}.json").read_text())
     held_back = manifest["held_back_pairs"]
+    assert manifest["config"]["train"]["quantize"] == "4bit" and manifest["metrics"]["base_precision"] == "4bit"
     assert _serving(open_app) == "base"  # not served before an admin says so
     stranger = _admin_event(open_app, _admin_http(open_app, "stranger"), "admin_promote")
     assert not stranger["success"] and _serving(open_app) == "base"

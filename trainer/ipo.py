@@ -359,6 +359,9 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "seconds_per_step": train_s / max(1, out.global_step),
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_s if train_s else 0.0,
         "peak_rss_mb": _peak_rss_mb(),
+        # what the base was loaded as: "4bit" (bitsandbytes nf4, QLoRA) or the float dtype
+        "base_precision": "4bit" if getattr(model, "is_loaded_in_4bit", False) else str(
+            next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
     }
     if torch.cuda.is_available():
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
