@@ -153,8 +153,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hub-dataset", default=os.environ.get("PREFLOOP_HUB_DATASET"), metavar="REPO",
                    help="push votes to this dataset repo (needs HF_TOKEN; private; env PREFLOOP_HUB_DATASET)")
     g.add_argument("--hub-every-minutes", type=float, default=5.0, help="how often new votes are pushed")
+    g = p.add_argument_group("Hub model")
+    g.add_argument("--hub-model", default=os.environ.get("PREFLOOP_HUB_MODEL"), metavar="REPO",
+                   help="publish each promoted adapter to this model repo, one folder, commit and tag per round "
+                   "(needs HF_TOKEN; private; env PREFLOOP_HUB_MODEL)")
+    g.add_argument("--adapters-from-hub", action="store_true",
+                   help="the attached vLLM servers (--vllm-url) load adapters from --hub-model themselves, so they "
+                   "need no shared filesystem (start them with PrefLoop installed and PREFLOOP_HUB_ADAPTERS=REPO)")
     g.add_argument("--log-level", default="INFO", help="logging level")
     args = p.parse_args(argv)
+    if args.adapters_from_hub and not (args.hub_model and args.vllm_url):
+        p.error("--adapters-from-hub needs --hub-model (where the adapters are published) and --vllm-url (the "
+                "servers that load them)")
     if args.lora_r > args.max_lora_rank:
         p.error(f"--lora-r {args.lora_r} exceeds --max-lora-rank {args.max_lora_rank}: "
                 "vLLM would refuse the adapters")
@@ -262,7 +272,8 @@ def build(args: argparse.Namespace) -> App:
     if plan is not None:
         logger.info("GPU plan: %s", plan.note)
     if args.vllm_url:
-        engine = Engine.attach(args.vllm_url, args.vllm_api_key)
+        engine = Engine.attach(args.vllm_url, args.vllm_api_key,
+                               hub_repo=args.hub_model if args.adapters_from_hub else None)
     else:
         engine = Engine.launch(EngineConfig(
             model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
@@ -283,11 +294,19 @@ def build(args: argparse.Namespace) -> App:
                                 continue_learning_rate=args.continue_learning_rate, train=TrainConfig(
             beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, sft_weight=args.sft_weight,
             lora_r=args.lora_r, quantize=quantize))
+        publisher = make_publisher(args, store, rounds, hub)
+
+        def promoted(names: list[str]) -> None:
+            """A new promoted round: publish it (first, when the servers load adapters from the Hub), serve it."""
+            if publisher is not None and publisher.unpublished():
+                admin.publish_pending(publisher, store, hub)
+            serving.sync(names)
+
         scheduler = Scheduler(
             rounds, round_cfg,
             ScheduleConfig(min_new_votes=args.round_every_votes, every_minutes=args.round_every_minutes),
             serving_adapter=lambda: None if serving.current == "base" else serving.current,
-            on_promoted=serving.sync,
+            on_promoted=promoted,
         )
         slots = args.max_concurrent_pairs or (64 if total_gib is not None else 8) * len(engine.endpoints)
         svc = Annotation(store, queue, serving, AnnotateConfig(
@@ -306,7 +325,7 @@ def build(args: argparse.Namespace) -> App:
                     annotate.build(demo, svc, access)
                 with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                     admin.build(demo, admin_tab, admin.Admin(store, rounds, scheduler, serving, hub, access,
-                                                             data_dir / "exports"))
+                                                             data_dir / "exports", publisher))
             annotate.build_api(svc, access)
         demo.queue(default_concurrency_limit=16, max_size=1024)
         skip_spaces_hot_reload()
@@ -371,6 +390,21 @@ def middleware(on_space: bool) -> list:
     from ui.http import LoginGuard, SecurityHeaders
 
     return [Middleware(SecurityHeaders), Middleware(LoginGuard, throttle=LoginThrottle(), trust_forwarded=on_space)]
+
+
+def make_publisher(args: argparse.Namespace, store, rounds, hub):
+    """The model repo's publisher when --hub-model and HF_TOKEN are given; else None (said once)."""
+    from trainer.publish import Publisher
+
+    token = os.environ.get("HF_TOKEN")
+    if not args.hub_model:
+        return None
+    if not token:
+        logger.warning("--hub-model %s given but HF_TOKEN is not set: adapters are not published", args.hub_model)
+        return None
+    from huggingface_hub import HfApi
+
+    return Publisher(rounds.log, rounds.data_dir, args.hub_model, HfApi(token=token))
 
 
 def make_hub(args: argparse.Namespace, store, data_dir: Path):

@@ -72,6 +72,7 @@ class EngineConfig:
         niceness (int, default 0): how much lower the server's CPU priority is than the app's. On a
             CPU machine vLLM computes on every core; the app sets 10 there, so that a vote is
             answered at once however busy generation is (bench/vote_under_load.py).
+        env (dict, default {}): more environment for the managed server (e.g. PREFLOOP_HUB_ADAPTERS).
     """
 
     model: str = ""
@@ -90,6 +91,7 @@ class EngineConfig:
     enable_lora: bool = True
     pid_file: Path | None = None
     niceness: int = 0
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -144,6 +146,7 @@ class VLLMServer:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_API_KEY"] = self.api_key
         env["PREFLOOP_DIE_WITH_PARENT"] = "1"  # collector/vllm_plugin.py: each vLLM process dies with its parent
+        env.update(self.config.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_gb))
         if len(os.sched_getaffinity(0)) <= 2:
             # vLLM-CPU keeps one core for its front end and computes on the rest: on 2 cores that
@@ -246,11 +249,12 @@ class Endpoint:
 class Engine:
     """Client for the serving endpoints, plus which adapter serves now."""
 
-    def __init__(self, endpoints: list[Endpoint], server: VLLMServer | None = None):
+    def __init__(self, endpoints: list[Endpoint], server: VLLMServer | None = None, hub_repo: str | None = None):
         if not endpoints:
             raise EngineError("no vLLM endpoint: give --vllm-url or let PrefLoop start one")
         self.endpoints = endpoints
         self.server = server
+        self.hub_repo = hub_repo  # adapters are loaded by the endpoints from this Hub model repo
         self._rr = itertools.cycle(range(len(endpoints)))
         self._lock = threading.Lock()
         self.serving = BASE
@@ -273,8 +277,9 @@ class Engine:
         return cls([Endpoint(server.url, server.api_key)], server)
 
     @classmethod
-    def attach(cls, urls: list[str], api_key: str | None = None) -> Engine:
-        engine = cls([Endpoint(u.rstrip("/"), api_key) for u in urls])
+    def attach(cls, urls: list[str], api_key: str | None = None, hub_repo: str | None = None) -> Engine:
+        """Attach to running servers; with ``hub_repo`` they load adapters from the Hub themselves."""
+        engine = cls([Endpoint(u.rstrip("/"), api_key) for u in urls], hub_repo=hub_repo)
         for ep in engine.endpoints:
             engine._check(ep)
         healthy = [ep for ep in engine.endpoints if ep.healthy]
@@ -333,6 +338,12 @@ class Engine:
 
     def _resync(self, ep: Endpoint) -> None:
         for name, path in list(self.loaded.items()):
+            if self.hub_repo:
+                try:
+                    self._resolve_on(ep, name)
+                except AdapterRejected as e:
+                    logger.error("could not reload %s into %s: %s", name, ep.url, e)
+                continue
             r = self._post_load(ep, name, path)
             if r.status_code not in (200, 400):
                 logger.error("could not reload %s into %s: %s", name, ep.url, _error_text(r))
@@ -380,7 +391,18 @@ class Engine:
                           json={"lora_name": self.vllm_name(name), "lora_path": str(path)})
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal."""
+        """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal.
+
+        With ``hub_repo`` the endpoints do not read PrefLoop's files: they load the published round
+        ``hub_repo/name`` from the Hub themselves (collector/vllm_plugin.py), on a first request
+        made here (and again by themselves after a restart)."""
+        if self.hub_repo:
+            self._vllm_names[name] = f"{self.hub_repo}/{name}"
+            for ep in self.endpoints:
+                self._resolve_on(ep, name)
+            self.loaded[name] = str(path)
+            logger.info("adapter %s loaded from the Hub as %s", name, self.vllm_name(name))
+            return
         self._vllm_names[name] = f"{name}{VERSION_SEP}{adapter_digest(path)}"
         for ep in self.endpoints:
             try:
@@ -395,6 +417,21 @@ class Engine:
                 raise AdapterRejected(f"vLLM at {ep.url} refused adapter {name!r} ({path}): {_error_text(r)}")
         self.loaded[name] = str(path)
         logger.info("adapter %s loaded from %s", name, path)
+
+    def _resolve_on(self, ep: Endpoint, name: str) -> None:
+        """Make ``ep`` load ``hub_repo/name`` from the Hub: one token asked of it."""
+        try:
+            r = httpx.post(f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600, json={
+                "model": self.vllm_name(name), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        except httpx.HTTPError as e:
+            ep.healthy = False
+            logger.warning("endpoint %s unreachable while loading %s: %s", ep.url, name, e)
+            return
+        if r.status_code != 200:
+            raise AdapterRejected(
+                f"vLLM at {ep.url} cannot load {self.vllm_name(name)} from the Hub ({_error_text(r)}): is the round "
+                "published, and was the server started with PrefLoop installed and PREFLOOP_HUB_ADAPTERS="
+                f"{self.hub_repo}?")
 
     def unload_adapter(self, name: str) -> None:
         for ep in self.endpoints:

@@ -167,3 +167,9 @@ def annotator_quality(rows: Iterable[dict]) -> list[AnnotatorQuality]:
             kappa=cohen_kappa(involved[who]), excluded=any(r.get("excluded") for r in rs),
         ))
     return out
+
+
+def win_rate_vs_base(rows: Iterable[dict], version: str, samples: int = 200) -> tuple[float, float, float] | None:
+    """People's win rate of ``version`` against the base from arena votes: (estimate, 2.5th, 97.5th
+    percentile), or None before any arena vote compared them."""
+    return win_rates_with_intervals(outcomes_from_votes(rows), anchor="base", samples=samples).get(version)

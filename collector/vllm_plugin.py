@@ -92,17 +92,55 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
+class HubAdapterResolver:
+    """A vLLM LoRA resolver for PrefLoop's published adapters: a request naming ``REPO/round-0003``
+    (REPO listed in PREFLOOP_HUB_ADAPTERS) loads the folder ``round-0003`` of that Hub model repo at
+    the tag ``round-0003`` (trainer/publish.py), so a server that does not share PrefLoop's data dir
+    serves every published round, including those published after it started."""
+
+    def __init__(self, repos: list[str]):
+        self.repos = repos
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str):
+        import asyncio
+        import os
+
+        from huggingface_hub import snapshot_download
+        from vllm.lora.request import LoRARequest
+
+        repo = next((r for r in self.repos if lora_name.startswith(r + "/")), None)
+        name = lora_name[len(repo) + 1:] if repo else ""
+        if not name or "/" in name:
+            return None
+        try:
+            root = await asyncio.to_thread(snapshot_download, repo_id=repo, revision=name, allow_patterns=[f"{name}/*"])
+        except Exception as e:  # not published (yet), or the Hub cannot be reached: vLLM answers 404
+            logger.warning("PrefLoop: cannot fetch %s: %s", lora_name, e)
+            return None
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, "adapter_config.json")):
+            return None
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=folder)  # vLLM assigns the id
+
+
 def register() -> None:
     """Entry point. In a server PrefLoop manages (PREFLOOP_DIE_WITH_PARENT=1), every vLLM process
     dies with its parent, so that a killed app takes the whole server along (the API server dies
-    with the app; its engine processes die with it). Then: swap the CPU punica wrapper's ops (only
-    where vLLM runs on the CPU backend)."""
+    with the app; its engine processes die with it). With PREFLOOP_HUB_ADAPTERS=REPO[,REPO], the
+    server loads published adapters by name (``HubAdapterResolver``). Then: swap the CPU punica
+    wrapper's ops (only where vLLM runs on the CPU backend)."""
     import os
 
     if os.environ.get("PREFLOOP_DIE_WITH_PARENT") == "1":
         from storage.procs import die_with_parent
 
         die_with_parent()
+    if os.environ.get("PREFLOOP_HUB_ADAPTERS"):
+        from vllm.lora.resolver import LoRAResolverRegistry
+
+        repos = [r.strip() for r in os.environ["PREFLOOP_HUB_ADAPTERS"].split(",") if r.strip()]
+        if "PrefLoop Hub adapters" not in LoRAResolverRegistry.get_supported_resolvers():
+            LoRAResolverRegistry.register_resolver("PrefLoop Hub adapters", HubAdapterResolver(repos))
     if os.environ.get("PREFLOOP_VLLM_CPU_LORA_OPS", "1") == "0":
         return
     try:

@@ -166,9 +166,20 @@ def m0006_people_private_prompts_round_votes(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0007_published_rounds(conn: sqlite3.Connection) -> None:
+    # Where a promoted round's adapter was published: the Hub model repo and the tagged revision.
+    _run(
+        conn,
+        """
+        ALTER TABLE rounds ADD COLUMN published_repo TEXT;
+        ALTER TABLE rounds ADD COLUMN published_revision TEXT;
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
-    m0006_people_private_prompts_round_votes,
+    m0006_people_private_prompts_round_votes, m0007_published_rounds,
 ]
 
 

@@ -9,6 +9,7 @@ way can simply be retried. Without a repo or a token the sync is local only, sai
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import shutil
@@ -23,6 +24,7 @@ from storage.votes import VoteStore
 logger = logging.getLogger(__name__)
 
 STAGED_MARK = "hub_staged_watermark"
+PUSHED_REVISION = "hub_pushed_revision"
 
 
 @dataclass
@@ -86,6 +88,14 @@ class HubSync:
                         name, counts["votes"], counts["preferences"])
             return counts["votes"]
 
+    def revision_holding(self, watermark: int) -> tuple[str, str | None] | None:
+        """(repo, revision) of the dataset that holds every vote up to ``watermark``; the revision is
+        None when those votes are not pushed yet; None without a dataset repo."""
+        if not self.repo_id:
+            return None
+        pushed = json.loads(self.store.get_setting(PUSHED_REVISION, "{}") or "{}")
+        return self.repo_id, pushed.get("revision") if pushed.get("watermark", -1) >= watermark else None
+
     def pending(self) -> list[Path]:
         return sorted(p for c in CONFIGS for p in (self.staged / c).glob("*.parquet"))
 
@@ -141,10 +151,13 @@ class HubSync:
                 card = write_card(self.staged.parent / "card", f"PrefLoop votes: {self.repo_id}")
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card)))
             if ops:
-                self.api.create_commit(
+                commit = self.api.create_commit(
                     self.repo_id, repo_type="dataset", operations=ops,
                     commit_message=f"PrefLoop: {len(ops)} files from boot {self.boot_id}",
                 )
+                # which dataset revision holds the votes up to the staged watermark (model cards cite it)
+                self.store.set_setting(PUSHED_REVISION, json.dumps({
+                    "revision": commit.oid, "watermark": int(self.store.get_setting(STAGED_MARK, "0"))}))
             for f in files:  # uploaded now, or already there from an earlier attempt
                 dest = self.pushed / f.relative_to(self.staged)
                 dest.parent.mkdir(parents=True, exist_ok=True)

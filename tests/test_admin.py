@@ -16,7 +16,7 @@ from storage.votes import VoteStore
 
 ADMIN_EVENTS = ["admin_run_round", "admin_push", "admin_rollback", "admin_pause", "admin_tick", "admin_refresh",
                 "admin_serve", "admin_exclude", "admin_include", "admin_export", "admin_promote", "admin_reject",
-                "admin_share_prompt"]
+                "admin_share_prompt", "admin_publish"]
 
 
 def _session(app, user: str) -> httpx.Client:
@@ -188,7 +188,11 @@ def test_a_non_admin_cannot_share_someone_elses_typed_prompt(app, admin_fns):
 
 
 def _round_row(app, round_id: int, status: str, adapter: str) -> None:
+    """A round's row and manifest, as a round leaves them (the adapter folder is the caller's)."""
     import time
+
+    (app.data_dir / "rounds" / f"{adapter}.json").write_text(json.dumps(
+        {"round": round_id, "adapter": adapter, "watermark": 0, "base_model": "test", "metrics": {}}))
 
     with sqlite3.connect(app.data_dir / "votes.db") as db:
         db.execute("INSERT INTO rounds(id, status, watermark, adapter, reason, started_at, finished_at) "
@@ -232,3 +236,23 @@ def test_a_non_admin_cannot_change_or_roll_back_what_is_served(app, admin_fns, s
         while _serving(app) != "base":
             assert _by(app, admin_fns, "alice", "admin_rollback")["success"]
 
+
+def test_a_non_admin_cannot_publish_a_round(app, admin_fns, smollm2_dir, hub_stub):
+    from tests.conftest import APP_ADAPTERS, make_adapter
+
+    make_adapter(smollm2_dir, app.data_dir / "adapters" / "round-0960")
+    with sqlite3.connect(app.data_dir / "votes.db") as db:  # published already: the schedule leaves it alone
+        db.execute("UPDATE rounds SET published_revision = 'x' WHERE status = 'promoted'")
+    _round_row(app, 960, "awaiting", "round-0960")
+    with sqlite3.connect(app.data_dir / "votes.db") as db:
+        db.execute("UPDATE rounds SET status = 'promoted', published_revision = NULL WHERE id = 960")
+    try:
+        assert not _by(app, admin_fns, "bob", "admin_publish").get("success")
+        assert "round-0960" not in hub_stub.tags.get(APP_ADAPTERS, {})
+        assert _by(app, admin_fns, "alice", "admin_publish")["success"]
+        assert "round-0960" in hub_stub.tags[APP_ADAPTERS]
+    finally:  # not a version the other tests should be served
+        with sqlite3.connect(app.data_dir / "votes.db") as db:
+            db.execute("UPDATE rounds SET status = 'rejected' WHERE id = 960")
+        while _serving(app) != "base":
+            assert _by(app, admin_fns, "alice", "admin_rollback")["success"]

@@ -5,6 +5,7 @@
     python -m trainer round --quantize 4bit                    # QLoRA (CUDA)
     python -m trainer status [--json]
     python -m trainer rollback                                 # the running app serves the previous version
+    python -m trainer publish --hub-model me/prefloop-adapters # promoted rounds -> a Hub model repo (HF_TOKEN)
     python -m trainer from-dataset trl-lib/ultrafeedback_binarized --loss sigmoid
 
 A promoted round is picked up and hot-swapped by the running app within seconds.
@@ -117,6 +118,29 @@ def _status(store: VoteStore, rounds: Rounds, as_json: bool) -> int:
     return 0
 
 
+def _publish(args, store: VoteStore, rounds: Rounds) -> int:
+    """Publish every promoted round not published yet, as the app does on promotion."""
+    from huggingface_hub import HfApi
+
+    from collector.quality import win_rate_vs_base  # the card's win rate, as the app computes it
+    from storage.hub import HubSync
+    from trainer.publish import Publisher
+
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise RoundError("set HF_TOKEN to a token with write access to the model repo")
+    publisher = Publisher(rounds.log, args.data_dir, args.hub_model, HfApi(token=token))
+    hub = HubSync(store, args.data_dir / "hub", args.hub_dataset, None)  # reads where the votes were pushed
+    rows = store.votes_with_pairs()
+    done = publisher.publish_pending(win_rate=lambda name: win_rate_vs_base(rows, name),
+                                     dataset=hub.revision_holding)
+    for p in done:
+        print(f"{p.name}: {'published' if p.new else 'already published'} at {p.repo}@{p.revision}")
+    if not done:
+        print("every promoted round is published already")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="rounds, serving adapter, votes", parents=[common])
     st.add_argument("--json", action="store_true")
     sub.add_parser("rollback", help="ask the running app to serve the previous version", parents=[common])
+    pb = sub.add_parser("publish", help="publish promoted rounds to a Hub model repo (HF_TOKEN)", parents=[common])
+    pb.add_argument("--hub-model", default=os.environ.get("PREFLOOP_HUB_MODEL"), required="PREFLOOP_HUB_MODEL"
+                    not in os.environ, help="the model repo, e.g. me/prefloop-adapters (env PREFLOOP_HUB_MODEL)")
+    pb.add_argument("--hub-dataset", default=os.environ.get("PREFLOOP_HUB_DATASET"),
+                    help="the dataset repo the votes are pushed to, cited on each card (env PREFLOOP_HUB_DATASET)")
     fd = sub.add_parser("from-dataset", help="a warm-start round on an existing preference dataset",
                         parents=[common])
     fd.add_argument("source", help="parquet/json(l) file, a PrefLoop export, or a Hub dataset id")
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model = resolve_model(None, args.data_dir)
         rounds = Rounds(store, args.data_dir, model)
+        if args.command == "publish":
+            return _publish(args, store, rounds)
         if args.command == "status":
             rounds.cleanup()
             return _status(store, rounds, args.json)

@@ -10,6 +10,7 @@ wires events. Both are callable without a browser.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,16 +19,19 @@ from typing import Any
 
 import gradio as gr
 
-from collector.quality import annotator_quality, outcomes_from_votes, win_rates_with_intervals
+from collector.quality import annotator_quality, outcomes_from_votes, win_rate_vs_base, win_rates_with_intervals
 from collector.serving import AdapterRejected, Serving
 from collector.users import Access, Person
 from storage.export import export_all
 from storage.hub import HubSync
 from storage.votes import VoteStore
+from trainer.publish import Publisher
 from trainer.rounds import RoundError, Rounds
 from trainer.schedule import Scheduler
 from ui import figures
 from ui.errors import refused
+
+logger = logging.getLogger(__name__)
 
 ROUND_COLUMNS = ["round", "status", "adapter", "pairs (train/held-out)", "held-out acc", "KL/token", "verdict",
                  "started", "minutes"]
@@ -47,6 +51,7 @@ class Admin:
     hub: HubSync
     access: Access
     exports: Path
+    publisher: Publisher | None = None
 
 
 def require_admin(admin: Admin, request: Any) -> Person:
@@ -59,6 +64,20 @@ def require_admin(admin: Admin, request: Any) -> Person:
 
 def _fmt(v, digits: int = 2) -> str:
     return "" if v is None else f"{v:.{digits}f}"
+
+
+def publish_pending(publisher: Publisher, store: VoteStore, hub: HubSync) -> list:
+    """Push the votes first (the card cites the dataset revision that holds them), then publish every
+    promoted round not published yet, with people's win rate against the base on its card. Used on
+    promotion (app.py) and by the Admin tab's button; a failure is logged and kept for the tab."""
+    hub.push()
+    rows = store.votes_with_pairs()
+    try:
+        return publisher.publish_pending(win_rate=lambda name: win_rate_vs_base(rows, name),
+                                         dataset=hub.revision_holding)
+    except Exception as e:  # the round stays promoted and served; the Admin tab shows the error
+        logger.error("publishing to %s failed: %s", publisher.repo, e)
+        return []
 
 
 # -- actions: each checks the role itself, then acts -------------------------------------------
@@ -99,6 +118,17 @@ def push(admin: Admin, request: Any) -> str:
     require_admin(admin, request)
     n = admin.hub.push()
     return f"pushed {n} files" if not admin.hub.status.last_error else f"push failed: {admin.hub.status.last_error}"
+
+
+def publish(admin: Admin, request: Any) -> str:
+    """Publish every promoted round not published yet to the model repo (--hub-model)."""
+    require_admin(admin, request)
+    if admin.publisher is None:
+        raise refused("no model repo: start the app with --hub-model REPO and HF_TOKEN")
+    done = publish_pending(admin.publisher, admin.store, admin.hub)
+    if admin.publisher.last_error:
+        return f"publishing failed: {admin.publisher.last_error}"
+    return f"published {', '.join(p.name for p in done if p.new) or 'nothing new'} to {admin.publisher.repo}"
 
 
 def set_excluded(admin: Admin, annotator: str | None, excluded: bool, request: Any) -> str:
@@ -166,6 +196,11 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
         f"**Dataset:** {admin.hub.refresh_status().line()}",
         f"**Who may annotate:** {admin.access.describe()}",
     ]
+    if admin.publisher is not None:
+        published = [r for r in rounds.promoted() if r.get("published_revision")]
+        err = f"; last error: {admin.publisher.last_error}" if admin.publisher.last_error else ""
+        lines.append(f"**Model repo:** {admin.publisher.repo}: {len(published)} of {len(rounds.promoted())} "
+                     f"promoted rounds published{err}")
     excluded = store.excluded_annotators()
     if excluded:
         lines.append(f"**Excluded from training:** {', '.join(sorted(names.get(k, k) for k in excluded))}")
@@ -196,7 +231,7 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
     for r in reversed(rounds.all_rounds()):
         m = mans.get(r["id"], {})
         metrics = m.get("metrics") or {}
-        pairs = f"{m['train_pairs']}/{metrics.get('heldout_pairs', m.get('heldout_pairs'))}" if m else ""
+        pairs = f"{m.get('train_pairs', '?')}/{metrics.get('heldout_pairs', m.get('heldout_pairs', '?'))}" if m else ""
         rows.append([
             r["id"], r["status"], r["adapter"] or "", pairs, _fmt(figures.manifest_accuracy(m)),
             _fmt(metrics.get("kl_per_token"), 4), r["reason"] or "",
@@ -243,6 +278,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
         pause_btn = gr.Button("Pause / resume the schedule", elem_id="pause")
         push_btn = gr.Button("Push to the Hub now", elem_id="push")
         download_btn = gr.Button("Export the dataset", elem_id="export")
+        publish_btn = gr.Button("Publish promoted rounds", elem_id="publish")
     c["progress"] = gr.Markdown(elem_id="round-progress")
     c["decision"] = gr.Markdown(elem_id="round-decision")
     with gr.Row(visible=False) as c["decide_row"]:
@@ -315,6 +351,7 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
     wire(promote_btn.click, lambda a, r: decide(a, True, r), None, "admin_promote")
     wire(reject_btn.click, lambda a, r: decide(a, False, r), None, "admin_reject")
     wire(share_btn.click, share_prompt, [c["typed_pick"]], "admin_share_prompt")
+    wire(publish_btn.click, publish, None, "admin_publish")
     c["timer"].tick(refresh, None, outputs, api_name="admin_tick", api_visibility="private")
     tab.select(refresh, None, outputs, api_name="admin_refresh", api_visibility="private")
 
