@@ -39,7 +39,7 @@ base_model: {base}
 
 # {repo}
 
-LoRA adapters trained by [PrefLoop](https://github.com/) from people's votes between two answers:
+LoRA adapters trained by PrefLoop from people's votes between two answers:
 each alignment round (IPO on LoRA) that passed its gate and was promoted is one folder here,
 added in its own commit and tagged with its name. Nothing published is ever changed.
 
