@@ -129,13 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--round-every-votes", type=int, default=64,
                    help="start a round when this many new usable votes arrived (0: off)")
     g.add_argument("--round-every-minutes", type=float, default=0.0, help="also start one this often (0: off)")
-    g.add_argument("--beta", type=float, default=TrainConfig.beta, help="IPO beta (tau); see README, Rounds")
+    g.add_argument("--beta", type=float, default=TrainConfig.beta, help="IPO beta (tau)")
     g.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
                    help="LoRA learning rate of a round from the base (the first round)")
     g.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
-                   help="LoRA learning rate of a round that continues the serving adapter; see README, Rounds")
+                   help="LoRA learning rate of a round that continues the serving adapter")
     g.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
-                   help="weight of the chosen answers' NLL added to IPO; see README, Rounds")
+                   help="weight of the chosen answers' NLL added to IPO; see README, 'A round, in brief'")
     g.add_argument("--epochs", type=float, default=TrainConfig.epochs, help="epochs per round")
     g.add_argument("--lora-r", type=int, default=TrainConfig.lora_r, help="LoRA rank of new adapters")
     g.add_argument("--max-share", type=float, default=RoundConfig.max_share,

@@ -24,17 +24,14 @@ USABLE_VOTES = 48  # the round starts at this many votes it can train on (not bo
 MAX_PAIRS = 400  # a bound on the voting, in case the answers stopped finishing
 ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
-# SmolLM2 runs past 96 tokens in most answers. Two answers cut at the limit say nothing about which
-# one is shorter, so the annotator calls both bad (not trained on) and votes on until 48 pairs have
-# a finished answer in them. Before, it judged cut answers by their characters: 96 votes held only
-# ~28 with a finished answer and the round won 0.69 to 0.92 of the held-out comparisons by draw
-# (README, "One round on 96 votes"). The floor stays: a round that barely moves the policy is what
-# it catches.
+# Two answers cut at the limit say nothing about which one is shorter, so the annotator calls them
+# both bad (not trained on) and votes until 48 pairs have a finished answer in them: votes on cut
+# answers judged by characters are noise, and rounds on them won anywhere from 0.69 to 0.92.
+# The floor catches a round that barely moves the policy.
 MIN_WIN_RATE = 0.75
-# One round from the base on ~50 votes trains at 6e-4, not the app's default 3e-4: at 3e-4 the
-# weakest of six draws barely moved (KL 0.026 nats/token) and won 0.72; its votes replayed at 6e-4
-# won 0.85 in the same round time, with no repetition on the strongest draw (README, "The test's one
-# round trains at 6e-4").
+# One round from the base on ~50 votes trains at 6e-4, not the app's 3e-4 (tuned for rounds of 64
+# and more): at 3e-4 a weak draw barely moves (KL 0.026 nats/token); at 6e-4 the same votes win
+# 0.85 in the same round time, with no repetition on the strongest draw (docs/experiments.md).
 LEARNING_RATE = 6e-4
 HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",

@@ -37,9 +37,9 @@ def _round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
                    help="learning rate of a round from the base (the first, or --init fresh)")
     p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
-                   help="learning rate of a round that continues the serving adapter (README, Rounds)")
+                   help="learning rate of a round that continues the serving adapter (README, 'A round, in brief')")
     p.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
-                   help="weight of the chosen answers' NLL added to the preference loss (README, Rounds)")
+                   help="weight of the chosen answers' NLL added to the preference loss (README, 'A round, in brief')")
     p.add_argument("--epochs", type=float, default=TrainConfig.epochs)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)

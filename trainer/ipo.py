@@ -34,7 +34,7 @@ class TrainConfig:
         loss (str, default "ipo"): TRL loss type; "sigmoid" is DPO with the same machinery.
         beta (float, default 0.5): IPO's tau: the per-token log-ratio gap target is 1/(2*beta).
         learning_rate (float, default 3e-4): AdamW learning rate for the LoRA weights. Both chosen
-            by measurement (README, "Rounds"): beta 0.1 with 5e-5..2e-4 barely moved the policy in
+            by measurement (docs/experiments.md, "round defaults"): beta 0.1 with 5e-5..2e-4 barely moved the policy in
             one round; 1e-3 made answers repeat themselves (the gate refused them).
         sft_weight (float, default 0.2): weight of TRL's "sft" loss (the chosen answers' NLL per
             token) added to the preference loss, as RPO does; 0 trains the preference loss alone.
