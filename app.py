@@ -58,8 +58,12 @@ def auth_mode(args: argparse.Namespace, env: dict[str, str] | None = None) -> st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from trainer.ipo import TrainConfig  # light at import (no torch): the defaults live in one place
+    from collector.annotate import AnnotateConfig  # light at import (no torch): the settings live there
+    from collector.sampling import SamplingParams
+    from storage.flags import add_flags, parse
+    from trainer.ipo import TrainConfig
     from trainer.rounds import RoundConfig
+    from trainer.schedule import ScheduleConfig
 
     p = argparse.ArgumentParser(
         prog="python app.py",
@@ -85,8 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-quantization", default=None,
                    help="vLLM --quantization for the served base (CUDA), e.g. bitsandbytes. Default: 4-bit on "
                    "cards under 40 GiB, else none")
-    g.add_argument("--max-tokens", type=int, default=256, help="longest answer, in tokens")
-    g.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the two answers")
+    add_flags(g, SamplingParams, only=["max_tokens", "temperature"])
     g.add_argument("--vllm-args", default=os.environ.get("PREFLOOP_VLLM_ARGS", ""),
                    help='more flags for the managed vLLM server, e.g. "--tensor-parallel-size 2" to shard a model '
                    "over 2 GPUs (env PREFLOOP_VLLM_ARGS)")
@@ -114,40 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "file or Hub id) with --prompts-column. Default: the bundled 211 prompts")
     g.add_argument("--prompts-column", default="prompt", help="the dataset column with the prompts (text or messages)")
     g.add_argument("--prompts-split", default="train", help="the dataset split to read prompts from")
-    g.add_argument("--pairs-per-minute", type=int, default=30, help="per-annotator rate limit (0: none)")
-    g.add_argument("--arena-rate", type=float, default=0.25,
-                   help="share of pairs that put the serving adapter against an earlier version or the base")
-    g.add_argument("--repeat-rate", type=float, default=0.05,
-                   help="share of pairs shown again (same or another person) to measure agreement (0: off)")
-    g.add_argument("--max-concurrent-pairs", type=int, default=None,
-                   help="pairs generated at once, for everyone together. Default: 8 per vLLM endpoint on CPU, "
-                   "64 per endpoint on CUDA")
-    g.add_argument("--max-waiting-pairs", type=int, default=None,
-                   help="requests that may wait for a generation slot; past them people are told 'busy, try again "
-                   "in N s'. Default: twice --max-concurrent-pairs")
+    add_flags(g, AnnotateConfig, exclude=("max_prompt_chars",))
     g = p.add_argument_group("rounds")
-    g.add_argument("--round-every-votes", type=int, default=64,
-                   help="start a round when this many new usable votes arrived (0: off)")
-    g.add_argument("--round-every-minutes", type=float, default=0.0, help="also start one this often (0: off)")
-    g.add_argument("--beta", type=float, default=TrainConfig.beta, help="IPO beta (tau)")
-    g.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
-                   help="LoRA learning rate of a round from the base (the first round)")
-    g.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
-                   help="LoRA learning rate of a round that continues the serving adapter")
-    g.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
-                   help="weight of the chosen answers' NLL added to IPO; see README, 'A round, in brief'")
-    g.add_argument("--epochs", type=float, default=TrainConfig.epochs, help="epochs per round")
-    g.add_argument("--lora-r", type=int, default=TrainConfig.lora_r, help="LoRA rank of new adapters")
-    g.add_argument("--max-share", type=float, default=RoundConfig.max_share,
-                   help="largest share of a round's training pairs one person may hold (admins are not capped); the "
-                   "rest wait for later rounds")
-    g.add_argument("--promote", choices=["auto", "manual"], default=None,
+    add_flags(g, ScheduleConfig)
+    add_flags(g, TrainConfig, only=["beta", "learning_rate", "sft_weight", "epochs", "lora_r"])
+    add_flags(g, RoundConfig, only=["continue_learning_rate", "max_share", "launcher"])
+    # Policies the app resolves from its context (who may annotate; the GPU plan), under their own
+    # names so that they never pass for RoundConfig.promote or TrainConfig.quantize:
+    g.add_argument("--promote", dest="promote_mode", choices=["auto", "manual"], default=None,
                    help="auto: a round that passes the gate is served at once; manual: it waits for an admin in the "
                    "Admin tab. Default: manual when --annotators is open, else auto")
-    g.add_argument("--trainer-launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
-                   help='run rounds under a launcher, e.g. "accelerate launch --num_processes 4" to train on 4 GPUs '
-                   "(env PREFLOOP_TRAINER_LAUNCHER)")
-    g.add_argument("--quantize", choices=["auto", "none", "4bit"], default="auto",
+    g.add_argument("--quantize", dest="quantize_mode", choices=["auto", "none", "4bit"], default="auto",
                    help="rounds with QLoRA (4bit) or not; auto: QLoRA on CUDA cards under 70 GiB, none on CPU")
     g = p.add_argument_group("Hub dataset")
     g.add_argument("--hub-dataset", default=os.environ.get("PREFLOOP_HUB_DATASET"), metavar="REPO",
@@ -161,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the attached vLLM servers (--vllm-url) load adapters from --hub-model themselves, so they "
                    "need no shared filesystem (start them with PrefLoop installed and PREFLOOP_HUB_ADAPTERS=REPO)")
     g.add_argument("--log-level", default="INFO", help="logging level")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     if args.adapters_from_hub and not (args.hub_model and args.vllm_url):
         p.error("--adapters-from-hub needs --hub-model (where the adapters are published) and --vllm-url (the "
                 "servers that load them)")
@@ -233,6 +213,8 @@ def build(args: argparse.Namespace) -> App:
     from collector.sampling import SamplingParams
     from collector.serving import Serving
     from collector.users import Access, Users, UsersError, space_oauth_missing
+    from storage.flags import from_flags
+    from storage.serving import ServingLog
     from storage.votes import VoteStore
     from trainer.ipo import TrainConfig
     from trainer.rounds import RoundConfig, Rounds
@@ -264,7 +246,7 @@ def build(args: argparse.Namespace) -> App:
     access = Access(mode, store, admins, args.annotators)
 
     model = resolve_model(args.model, data_dir)
-    store.set_setting("base_model", model)  # the trainer CLI trains on what the app serves
+    ServingLog(store).set_base_model(model)  # the trainer CLI trains on what the app serves
     total_gib = cuda_total_gib()
     plan = None
     if total_gib is not None:  # the split of the card, from the model's own shape
@@ -287,13 +269,10 @@ def build(args: argparse.Namespace) -> App:
         rounds.cleanup()
         serving.restore()
         engine.start_watchdog()
-        quantize = {"none": None, "4bit": "4bit"}.get(args.quantize, plan.trainer_quantize if plan else None)
-        promote = args.promote or ("manual" if access.open else "auto")
-        round_cfg = RoundConfig(launcher=shlex.split(args.trainer_launcher), max_share=args.max_share,
-                                promote=promote,
-                                continue_learning_rate=args.continue_learning_rate, train=TrainConfig(
-            beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs, sft_weight=args.sft_weight,
-            lora_r=args.lora_r, quantize=quantize))
+        quantize = {"none": None, "4bit": "4bit"}.get(args.quantize_mode, plan.trainer_quantize if plan else None)
+        promote = args.promote_mode or ("manual" if access.open else "auto")
+        round_cfg = from_flags(RoundConfig, args, promote=promote,
+                               train=from_flags(TrainConfig, args, quantize=quantize))
         publisher = make_publisher(args, store, rounds, hub)
 
         def promoted(names: list[str]) -> None:
@@ -304,15 +283,12 @@ def build(args: argparse.Namespace) -> App:
 
         scheduler = Scheduler(
             rounds, round_cfg,
-            ScheduleConfig(min_new_votes=args.round_every_votes, every_minutes=args.round_every_minutes),
-            serving_adapter=lambda: None if serving.current == "base" else serving.current,
+            from_flags(ScheduleConfig, args),
             on_promoted=promoted,
         )
         slots = args.max_concurrent_pairs or (64 if total_gib is not None else 8) * len(engine.endpoints)
-        svc = Annotation(store, queue, serving, AnnotateConfig(
-            sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
-            pairs_per_minute=args.pairs_per_minute, arena_rate=args.arena_rate, repeat_rate=args.repeat_rate,
-            max_concurrent_pairs=slots, max_waiting_pairs=args.max_waiting_pairs or 2 * slots))
+        svc = Annotation(store, queue, serving, from_flags(
+            AnnotateConfig, args, sampling=from_flags(SamplingParams, args), max_concurrent_pairs=slots))
 
         # delete_cache: files handed to browsers (dataset exports) leave Gradio's cache after an hour.
         with gr.Blocks(title="PrefLoop", delete_cache=(3600, 3600)) as demo:
@@ -441,14 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
 
-    from collector.errors import EngineError, ModelError
-    from collector.prompts import PromptError
-    from collector.users import UsersError
-    from storage.errors import StorageError
+    from storage.errors import UserError
 
     try:
         app = build(args)
-    except (ModelError, EngineError, UsersError, StorageError, PromptError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"prefloop: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -30,10 +30,13 @@ from common import ROOT, embedded_model
 from collector.engine import BASE, Engine, EngineConfig
 from collector.prompts import BUNDLED, read_prompt_file
 from collector.sampling import SamplingParams, sample_pair
+from storage.flags import add_flags, from_flags, parse
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 from tests.test_closed_loop import HELDOUT, prefers
 from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, Rounds, distinct_n
+from trainer.schedule import ScheduleConfig
 
 
 def vllm_model(engine: Engine, served: str) -> str | None:
@@ -63,17 +66,16 @@ def win_rate(mine: list[str], theirs: list[str]) -> tuple[float, str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--votes", type=int, default=64, help="votes per round (the app's --round-every-votes)")
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
-    p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate)
-    p.add_argument("--beta", type=float, default=TrainConfig.beta)
-    p.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight)
+    add_flags(p, ScheduleConfig, only=["min_new_votes"])  # votes per round
+    add_flags(p, SamplingParams, only=["max_tokens"])
+    p.set_defaults(max_tokens=96)  # the closed-loop test's answers: rounds in minutes on CPU
+    add_flags(p, RoundConfig, exclude=("promote",))
+    add_flags(p, TrainConfig)
     p.add_argument("--seeds", type=int, default=3, help="seeds per held-out prompt")
     p.add_argument("--vote-seed", type=int, default=0, help="another draw of the voted pairs (0: the README's)")
     p.add_argument("--data-dir", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-round figures here")
-    args = p.parse_args()
+    args = parse(p)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "collector.sampling"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -81,12 +83,10 @@ def main() -> None:
     data = args.data_dir or Path(tempfile.mkdtemp(prefix="prefloop-iterative-"))
     data.mkdir(parents=True, exist_ok=True)
     base = str(embedded_model(ROOT / "data"))
-    params = SamplingParams(max_tokens=args.max_tokens)
+    params = from_flags(SamplingParams, args)
     store = VoteStore(data / "votes.db")
     rounds = Rounds(store, data, base)
-    cfg = RoundConfig(continue_learning_rate=args.continue_learning_rate,
-                      train=TrainConfig(beta=args.beta, learning_rate=args.learning_rate,
-                                        sft_weight=args.sft_weight))
+    cfg = from_flags(RoundConfig, args, train=from_flags(TrainConfig, args))
     prompts = read_prompt_file(BUNDLED)
     assert not set(HELDOUT) & set(prompts)
     engine = Engine.launch(EngineConfig(model=base, log_path=data / "vllm.log"))
@@ -96,7 +96,7 @@ def main() -> None:
         base_answers = before
         for r in range(1, args.rounds + 1):
             t0 = time.time()
-            batch = [prompts[(i + (r - 1) * args.votes) % len(prompts)] for i in range(args.votes)]
+            batch = [prompts[(i + (r - 1) * args.min_new_votes) % len(prompts)] for i in range(args.min_new_votes)]
             def vote(job, r=r, served=served):
                 i, q = job
                 msgs = [{"role": "user", "content": q}]
@@ -112,18 +112,18 @@ def main() -> None:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(vote, enumerate(batch)))
             sampled_s = time.time() - t0
-            init = str(rounds.adapters / served) if served != BASE else None
-            manifest = rounds.run(cfg, init_adapter=init)
+            manifest = rounds.run(cfg)  # continues what the serving record names
             m = manifest.get("metrics", {})
             if manifest["status"] == "promoted":
                 engine.load_adapter(manifest["adapter"], rounds.adapters / manifest["adapter"])
                 served = manifest["adapter"]
+                ServingLog(store).record([*ServingLog(store).history(), served])
             now = answers(engine, served, HELDOUT, args.seeds, params)
             vs_base, vb = win_rate(now, base_answers)
             vs_prev, vp = win_rate(now, before)
             row = {
                 "round": r, "verdict": manifest["status"], "reason": manifest.get("reason", ""),
-                "init": "previous" if init else "base",
+                "init": "previous" if manifest.get("init") else "base",
                 "learning_rate": manifest["learning_rate"],
                 "train_pairs": manifest["train_pairs"], "heldout_pairs": m.get("heldout_pairs"),
                 "heldout_correct": m.get("heldout_correct"), "kl_per_token": m.get("kl_per_token"),

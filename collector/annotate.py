@@ -18,13 +18,15 @@ from typing import Any, TypeVar
 from collector.prompts import PromptError, PromptQueue, check_prompt
 from collector.sampling import PairStream, SamplingParams
 from collector.serving import Serving
+from storage.errors import UserError
+from storage.flags import setting
 from storage.votes import Choice, VoteStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RateLimited(Exception):
+class RateLimited(UserError):
     """An annotator asked for more than the per-user rate limit allows."""
 
 
@@ -53,7 +55,7 @@ class RateLimiter:
             q.append(now)
 
 
-class Busy(Exception):
+class Busy(UserError):
     """Every generation slot is taken and the waiting line is full; the message says when to retry."""
 
 
@@ -106,30 +108,20 @@ class GenerationGate:
 
 @dataclass
 class AnnotateConfig:
-    """Annotation settings.
-
-    Fields:
-        sampling (SamplingParams): how answers are sampled.
-        pairs_per_minute (int, default 30): per-annotator limit on new pairs (0: none).
-        max_prompt_chars (int, default 4000): longest prompt an annotator may type.
-        arena_rate (float, default 0.25): share of pairs that put the serving adapter against an
-            earlier version or the base (sides shuffled), for the human win rate per version.
-        repeat_rate (float, default 0.05): share of queue pairs that show an already voted pair
-            again (to the same or another person, sides swapped half the time), for agreement and
-            Cohen's kappa; their votes are not trained on.
-        max_concurrent_pairs (int, default 8): pairs generated at once, for everyone together
-            (the app sizes it to the engine: 8 per CPU endpoint, 64 per CUDA endpoint).
-        max_waiting_pairs (int, default 16): requests that may wait for a slot; past them a request
-            is told "busy, try again in N s".
-    """
+    """Annotation settings; each field's help is its flag's (storage/flags.py)."""
 
     sampling: SamplingParams = SamplingParams()
-    pairs_per_minute: int = 30
-    max_prompt_chars: int = 4000
-    arena_rate: float = 0.25
-    repeat_rate: float = 0.05
-    max_concurrent_pairs: int = 8
-    max_waiting_pairs: int = 16
+    pairs_per_minute: int = setting(30, help="per-annotator limit on new pairs (0: none)")
+    max_prompt_chars: int = setting(4000, help="longest prompt an annotator may type")
+    arena_rate: float = setting(0.25, help="share of pairs that put the serving version against an earlier one "
+                                "or the base (sides shuffled), for each version's human win rate")
+    repeat_rate: float = setting(0.05, help="share of pairs shown again (to the same or another person, sides "
+                                 "swapped half the time) to measure agreement; not trained on (0: off)")
+    max_concurrent_pairs: int | None = setting(None, help="pairs generated at once, for everyone together "
+                                               "(default: 8 per vLLM endpoint on CPU, 64 per endpoint on CUDA)")
+    max_waiting_pairs: int | None = setting(None, help="requests that may wait for a generation slot; past them "
+                                            "people are told 'busy, try again in N s' (default: twice "
+                                            "--max-concurrent-pairs)")
 
 
 def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: tuple[str, str]) -> dict[str, Any]:
@@ -147,7 +139,8 @@ class Annotation:
         self.serving = serving
         self.config = config
         self.limiter = RateLimiter(config.pairs_per_minute)
-        self.gate = GenerationGate(config.max_concurrent_pairs, config.max_waiting_pairs)
+        slots = config.max_concurrent_pairs or 8  # the app sizes it to the engine
+        self.gate = GenerationGate(slots, 2 * slots if config.max_waiting_pairs is None else config.max_waiting_pairs)
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="vote")
         self.rng = random.Random()
 
@@ -182,7 +175,8 @@ class Annotation:
                     raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
                 prompt_id, text = picked
             messages = [{"role": "user", "content": text}]
-            stream = PairStream(self.serving.engine, messages, self.config.sampling, models=self.arena_models())
+            stream = PairStream(self.serving.engine, messages, self.config.sampling, model=self.serving.current,
+                                models=self.arena_models())
             for left, right in stream:
                 yield {"prompt": text, "left": left, "right": right, "done": False}
         pair = stream.pair

@@ -247,7 +247,8 @@ class Endpoint:
 
 
 class Engine:
-    """Client for the serving endpoints, plus which adapter serves now."""
+    """Transport to the serving endpoints: start or attach, load and unload adapters, stream.
+    Which version serves is ``collector.serving.Serving``'s to say; requests name their model."""
 
     def __init__(self, endpoints: list[Endpoint], server: VLLMServer | None = None, hub_repo: str | None = None):
         if not endpoints:
@@ -257,7 +258,6 @@ class Engine:
         self.hub_repo = hub_repo  # adapters are loaded by the endpoints from this Hub model repo
         self._rr = itertools.cycle(range(len(endpoints)))
         self._lock = threading.Lock()
-        self.serving = BASE
         self.loaded: dict[str, str] = {}  # adapter name -> path
         self._vllm_names: dict[str, str] = {}  # adapter name -> the name vLLM knows it by
         self._inflight: dict[str, int] = {}
@@ -453,12 +453,6 @@ class Engine:
         with self._lock:
             self._inflight[model] = self._inflight.get(model, 0) + delta
 
-    def set_serving(self, name: str) -> None:
-        if name != BASE and name not in self.loaded:
-            raise EngineError(f"adapter {name!r} is not loaded; load it first")
-        previous, self.serving = self.serving, name
-        logger.info("serving %s (was %s)", name, previous)
-
     # -- generation ----------------------------------------------------------------------
 
     def stream_chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -506,7 +500,7 @@ class Engine:
             try:
                 r = httpx.post(
                     f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600,
-                    json={"model": self.vllm_name(model or self.serving), "messages": messages, **params},
+                    json={"model": self.vllm_name(model or BASE), "messages": messages, **params},
                 )
             except httpx.ConnectError:
                 ep.healthy = False

@@ -1,11 +1,13 @@
-"""Exceptions raised by the collector package."""
+"""Exceptions raised by the collector package (all ``UserError``s: shown as one line)."""
+
+from storage.errors import UserError
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model could not be found, reached or converted."""
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """The vLLM server failed to start, died, or answered with an error."""
 
 

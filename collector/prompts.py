@@ -8,6 +8,7 @@ import logging
 import random
 from pathlib import Path
 
+from storage.errors import UserError
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ BUNDLED = Path(__file__).with_name("prompts.txt")
 MAX_PROMPT_CHARS = 4000
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt was refused (empty, too long, or not text)."""
 
 

@@ -16,27 +16,21 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from collector.engine import Engine
+from collector.engine import BASE, Engine
 from collector.errors import EngineError
+from storage.flags import setting
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling parameters sent to vLLM.
+    """Sampling parameters sent to vLLM; each field's help is its flag's (storage/flags.py)."""
 
-    Fields:
-        temperature (float, default 0.9): softmax temperature; > 0 so the two answers differ.
-        top_p (float, default 0.95): nucleus sampling mass.
-        max_tokens (int, default 256): longest answer, in tokens.
-        max_resamples (int, default 2): new seeds to try when both answers come out identical.
-    """
-
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_tokens: int = 256
-    max_resamples: int = 2
+    temperature: float = setting(0.9, help="sampling temperature of the two answers (> 0, so they differ)")
+    top_p: float = setting(0.95, help="nucleus sampling mass")
+    max_tokens: int = setting(256, help="longest answer, in tokens")
+    max_resamples: int = 2  # new seeds to try when both answers come out identical
 
     def request(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
@@ -86,7 +80,7 @@ class PairStream:
         if self.models is not None:
             yield from self._arena()
             return
-        model = self.model or self.engine.serving
+        model = self.model or BASE
         seed = self.seed if self.seed is not None else random.randrange(2**31)
         for attempt in range(self.params.max_resamples + 1):
             texts = ["", ""]

@@ -2,9 +2,10 @@
 
 A promoted adapter is checked before vLLM sees it (rank, target modules, base model, readable
 and finite weights), loaded under its versioned name into every endpoint, asked for a smoke
-generation, and only then becomes the serving pointer. The previous name is unloaded once its
-in-flight requests have drained; its files stay on disk, so rollback is a flip back. The
-pointer lives in the vote store, so an app restart serves the same adapter.
+generation, and only then becomes the served version. The previous name is unloaded once its
+in-flight requests have drained; its files stay on disk, so rollback is a flip back. ``Serving``
+alone decides what is served; the record lives in the store (``storage.serving.ServingLog``), so
+an app restart serves the same version. The engine is transport only.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ from typing import Any
 
 from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected, EngineError
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
-
-POINTER = "serving_adapter"
-HISTORY = "serving_history"
-ROLLBACK_REQUEST = "rollback_request"
 
 
 def base_module_names(base_model: str) -> set[str]:
@@ -99,26 +97,33 @@ def preflight(adapter_dir: Path, base_model: str, max_rank: int) -> dict[str, An
 
 
 class Serving:
-    """The serving pointer over an Engine, persisted in the vote store."""
+    """What is served over an Engine: the current version, its history, swaps and rollback."""
 
     def __init__(self, engine: Engine, store: VoteStore, adapters_dir: Path, base_model: str, max_rank: int):
         self.engine = engine
         self.store = store
+        self.log = ServingLog(store)
         self.adapters_dir = Path(adapters_dir)
         self.base_model = base_model
         self.max_rank = max_rank
         self._lock = threading.Lock()
+        self._current = BASE
 
     @property
     def current(self) -> str:
-        return self.engine.serving
+        """The version new same-policy pairs come from (``base`` or an adapter name)."""
+        return self._current
 
     def history(self) -> list[str]:
-        return json.loads(self.store.get_setting(HISTORY, "[]"))
+        return self.log.history()
 
-    def _save(self, history: list[str]) -> None:
-        self.store.set_setting(HISTORY, json.dumps(history))
-        self.store.set_setting(POINTER, self.engine.serving)
+    def _serve(self, name: str, history: list[str]) -> None:
+        """Flip to ``name`` (loaded already) and record it (call with ``_lock`` held)."""
+        if name != BASE and name not in self.engine.loaded:
+            raise EngineError(f"adapter {name!r} is not loaded; load it first")
+        previous, self._current = self._current, name
+        self.log.record(history)
+        logger.info("serving %s (was %s)", name, previous)
 
     def restore(self) -> str:
         """At start: serve the persisted adapter, else the one before it, else the base."""
@@ -128,14 +133,13 @@ class Serving:
                 name = history[-1]
                 try:
                     self._load(name)
-                    self.engine.set_serving(name)
+                    self._serve(name, history)
                     break
                 except (AdapterRejected, EngineError) as e:
                     logger.warning("cannot restore %s (%s); falling back", name, e)
                     history.pop()
             else:
-                self.engine.set_serving(BASE)
-            self._save(history)
+                self._serve(BASE, history)
         logger.info("serving restored: %s", self.current)
         return self.current
 
@@ -170,9 +174,7 @@ class Serving:
                 self.engine.unload_adapter(name)
                 raise AdapterRejected(f"adapter {name!r} produced an empty smoke answer")
             previous = self.current
-            self.engine.set_serving(name)
-            history = [h for h in self.history() if h != name] + [name]
-            self._save(history)
+            self._serve(name, [h for h in self.history() if h != name] + [name])
         logger.info("swap %s -> %s in %.2fs", previous, name, time.perf_counter() - t0)
         self._retire(previous)
         return time.perf_counter() - t0
@@ -180,7 +182,7 @@ class Serving:
     def serve_on_purpose(self, name: str) -> float:
         """An admin's choice of version: served even if it was rolled back before (the schedule
         then keeps it); returns the seconds the swap took."""
-        self.store.set_setting(f"rolled_back:{name}", "")
+        self.log.clear_rolled_back(name)
         return self.swap(name)
 
     def arena_opponent(self, rng) -> str | None:
@@ -204,9 +206,8 @@ class Serving:
             current = history.pop() if history else BASE
             target = history[-1] if history else BASE
             self._load(target)
-            self.engine.set_serving(target)
-            self._save(history)
-            self.store.set_setting(f"rolled_back:{current}", "1")
+            self._serve(target, history)
+            self.log.mark_rolled_back(current)
         logger.info("rollback %s -> %s", current, target)
         self._retire(current)
         return target
@@ -222,7 +223,7 @@ class Serving:
                     time.sleep(0.2)
                 # Under the lock: a swap or rollback back to ``name`` cannot interleave.
                 with self._lock:
-                    if name == self.engine.serving or name not in self.engine.loaded:
+                    if name == self._current or name not in self.engine.loaded:
                         return
                     if self.engine.inflight(name) == 0:
                         self.engine.unload_adapter(name)
@@ -233,11 +234,10 @@ class Serving:
     def sync(self, promoted: list[str]) -> str | None:
         """Serve the newest promoted adapter that is not serving yet and was never rolled back;
         first carry out a rollback asked for from the CLI (``python -m trainer rollback``)."""
-        if self.store.get_setting(ROLLBACK_REQUEST):
-            self.store.set_setting(ROLLBACK_REQUEST, "")
+        if self.log.take_rollback_request():
             return self.rollback()
         for name in reversed(promoted):
-            if self.store.get_setting(f"rolled_back:{name}") or self.store.get_setting(f"swap_failed:{name}"):
+            if self.log.skipped(name):
                 continue
             if name in self.history():
                 return None
@@ -245,7 +245,7 @@ class Serving:
                 self.swap(name)
             except AdapterRejected as e:
                 # Remember it, so the scheduler does not retry a broken adapter every few seconds.
-                self.store.set_setting(f"swap_failed:{name}", str(e))
+                self.log.mark_swap_failed(name, str(e))
                 logger.error("adapter %s not swapped in: %s", name, e)
                 continue
             return name

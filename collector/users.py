@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class UsersError(ValueError):
+class UsersError(UserError, ValueError):
     """The users file is missing or malformed."""
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from storage.errors import StorageError
+from storage.errors import StorageError, UserError
 from storage.export import export_all
 from storage.importer import import_pairs
 from storage.votes import VoteStore
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             n = hub.push()
             print(hub.status.line() if n or not hub.status.last_error else f"push failed: {hub.status.last_error}")
             return 0 if not hub.status.last_error else 1
-    except (StorageError, FileExistsError) as err:
+    except (UserError, FileExistsError) as err:
         print(f"prefloop storage: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from collector.sampling import SamplingParams, sample_pair
+from storage.serving import ServingLog
+from storage.votes import VoteStore
 from tests.conftest import RunningApp
 
 USABLE_VOTES = 48  # the round starts at this many votes it can train on (not both_bad)
@@ -91,8 +93,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
         deadline = time.time() + 1200  # ~26 steps: about 5 min here, twice that on a slow day
         while time.time() < deadline:
             row = db.execute("SELECT status, adapter, reason FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
-            serving = json.loads((db.execute("SELECT value FROM settings WHERE key = 'serving_history'")
-                                  .fetchone() or ["[]"])[0])
+            serving = ServingLog(VoteStore(app.data_dir / "votes.db")).history()
             if row and row[0] != "running" and (row[0] != "promoted" or row[1] in serving):
                 break
             time.sleep(2)

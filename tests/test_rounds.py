@@ -12,6 +12,7 @@ import pytest
 
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 from trainer.data import build_pairs, is_heldout, trl_rows
 from trainer.ipo import TrainConfig
@@ -166,8 +167,9 @@ def test_promoted_adapter_is_served_and_changes_greedy_output(trained, engine, s
     before = engine.chat(msgs, model="base", temperature=0.0, max_tokens=40)[0]
     serving.swap(manifest["adapter"])
     try:
-        assert engine.chat(msgs, temperature=0.0, max_tokens=40)[0] != before  # serving = the adapter now
-        pair = sample_pair(engine, msgs, SamplingParams(max_tokens=24), seed=1)
+        assert serving.current == manifest["adapter"]
+        assert engine.chat(msgs, model=serving.current, temperature=0.0, max_tokens=40)[0] != before
+        pair = sample_pair(engine, msgs, SamplingParams(max_tokens=24), seed=1, model=serving.current)
         assert pair.models == (manifest["adapter"], manifest["adapter"])
     finally:
         serving.rollback()
@@ -207,7 +209,10 @@ def test_the_next_round_continues_the_served_adapter_as_its_reference_at_the_con
     cfg = RoundConfig(heldout_fraction=0.0, continue_learning_rate=2e-4,
                       train=TrainConfig(beta=0.1, epochs=1, learning_rate=5e-4, max_length=128, sft_weight=0.0))
     progress = []
-    manifest = rounds.run(cfg, on_progress=progress.append, init_adapter=str(rounds.adapters / first["adapter"]))
+    ServingLog(store).record([first["adapter"]])  # what the app records once it serves round 1
+    assert rounds.continues(cfg) == str(rounds.adapters / first["adapter"])
+    assert rounds.continues(RoundConfig(init="fresh")) is None
+    manifest = rounds.run(cfg, on_progress=progress.append)
     steps = [r for r in progress if "loss" in r]
     assert manifest["after"] == 8 and manifest["watermark"] == 12 and manifest["train_pairs"] == 4
     assert manifest["init"].endswith(first["adapter"]) and manifest["learning_rate"] == 2e-4

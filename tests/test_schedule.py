@@ -3,8 +3,8 @@
     .venv/bin/python -m pytest tests/test_schedule.py
 """
 
-import time
 
+from storage.rounds import RoundLog
 from storage.votes import VoteStore
 from tests.test_rounds import _seed_votes
 from trainer.rounds import RoundConfig, Rounds
@@ -14,13 +14,12 @@ from trainer.schedule import ScheduleConfig, Scheduler
 def _scheduler(tmp_path, **kw) -> tuple[VoteStore, Scheduler]:
     store = VoteStore(tmp_path / "votes.db")
     rounds = Rounds(store, tmp_path, "unused-model")
-    return store, Scheduler(rounds, RoundConfig(), ScheduleConfig(**kw), lambda: None, lambda names: None)
+    return store, Scheduler(rounds, RoundConfig(), ScheduleConfig(**kw), lambda names: None)
 
 
 def _finished_round(store: VoteStore, status: str, watermark: int) -> None:
-    with store._conn() as conn:
-        conn.execute("INSERT INTO rounds(status, watermark, started_at, finished_at) VALUES (?, ?, ?, ?)",
-                     (status, watermark, time.time(), time.time()))
+    log = RoundLog(store)
+    log.finish(log.start(watermark, pid=0), status, "made by the test", adapter=None)
 
 
 def test_a_round_is_due_after_enough_new_usable_votes(tmp_path):
@@ -34,8 +33,7 @@ def test_a_round_is_due_after_enough_new_usable_votes(tmp_path):
 
 
 def test_a_rejected_round_does_not_trigger_again_on_the_same_votes(tmp_path):
-    # Before the fix the trigger counted from the last *promoted* round, so a rejected round was
-    # started again every few seconds on the same votes.
+    # The trigger counts from the newest finished round, whatever its verdict.
     store, sched = _scheduler(tmp_path, min_new_votes=8)
     _seed_votes(store, 8)
     _finished_round(store, "rejected", watermark=8)

@@ -13,6 +13,7 @@ from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 from tests.conftest import make_adapter
 
@@ -40,7 +41,6 @@ def adapters(tmp_path_factory, smollm2_dir):
 def serving(engine, adapters, smollm2_dir, tmp_path):
     s = Serving(engine, VoteStore(tmp_path / "votes.db"), adapters, str(smollm2_dir), max_rank=16)
     yield s
-    engine.set_serving(BASE)
 
 
 def greedy(engine: Engine, model: str | None = None) -> str:
@@ -52,8 +52,8 @@ def test_an_adapter_changes_greedy_output_and_pairs_record_it(serving, engine):
     seconds = serving.swap("round-0001")
     assert seconds < 60
     assert serving.current == "round-0001"
-    assert greedy(engine) != base
-    pair = sample_pair(engine, MSGS, SamplingParams(max_tokens=24), seed=3)
+    assert greedy(engine, serving.current) != base
+    pair = sample_pair(engine, MSGS, SamplingParams(max_tokens=24), seed=3, model=serving.current)
     assert pair.models == ("round-0001", "round-0001")
 
 
@@ -150,20 +150,20 @@ def test_rollback_flips_back_and_a_restart_restores_the_pointer(serving, engine,
     # An app restart: a fresh client over a fresh server (adapters unloaded), same store.
     for name in list(engine.loaded):
         engine.unload_adapter(name)
-    engine.set_serving(BASE)
     fresh = Engine([*engine.endpoints])
     restored = Serving(fresh, serving.store, adapters, str(smollm2_dir), max_rank=16)
     assert restored.restore() == "round-0001"
     assert "round-0001" in fresh.models()
-    assert sample_pair(fresh, MSGS, SamplingParams(max_tokens=8), seed=1).models[0] == "round-0001"
+    assert sample_pair(fresh, MSGS, SamplingParams(max_tokens=8), seed=1, model=restored.current).models[0] \
+        == "round-0001"
 
 
 def test_restore_falls_back_when_the_serving_adapter_is_gone(engine, adapters, smollm2_dir, tmp_path):
     store = VoteStore(tmp_path / "votes.db")
-    store.set_setting("serving_history", json.dumps(["round-0001", "round-0099"]))  # 0099 fails pre-flight
+    ServingLog(store).record(["round-0001", "round-0099"])  # 0099 fails pre-flight
     s = Serving(Engine([*engine.endpoints]), store, adapters, str(smollm2_dir), max_rank=16)
     assert s.restore() == "round-0001"
-    store.set_setting("serving_history", json.dumps(["round-0404"]))
+    ServingLog(store).record(["round-0404"])
     s2 = Serving(Engine([*engine.endpoints]), store, adapters, str(smollm2_dir), max_rank=16)
     assert s2.restore() == BASE
 

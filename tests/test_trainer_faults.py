@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 from tests.conftest import ROOT
 from tests.test_rounds import _seed_votes
@@ -25,15 +26,15 @@ SMALL = dict(epochs=1, max_length=96, learning_rate=5e-4)
 def data(tmp_path, smollm2_dir):
     store = VoteStore(tmp_path / "votes.db")
     _seed_votes(store, 8)
-    store.set_setting("base_model", str(smollm2_dir))
-    store.set_setting("serving_history", json.dumps([]))
+    ServingLog(store).set_base_model(str(smollm2_dir))
+    ServingLog(store).record([])
     return tmp_path, store, Rounds(store, tmp_path, str(smollm2_dir))
 
 
 def _nothing_promoted(rounds: Rounds, store: VoteStore) -> None:
     assert rounds.promoted() == []
     assert not [p for p in rounds.adapters.iterdir() if p.name.startswith("round-")]
-    assert json.loads(store.get_setting("serving_history")) == []
+    assert ServingLog(store).history() == []
 
 
 def test_a_nan_loss_is_not_promoted(data):

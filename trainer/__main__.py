@@ -18,62 +18,27 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from storage.errors import StorageError
+from storage.errors import UserError
+from storage.flags import add_flags, from_flags, parse
+from storage.serving import ServingLog
 from storage.votes import VoteStore
 from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, RoundError, Rounds
 
 
 def _round_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", choices=["previous", "fresh"], default="previous",
-                   help="previous: continue the serving adapter on new votes; fresh: new adapter on all votes")
-    p.add_argument("--loss", choices=["ipo", "sigmoid"], default="ipo", help="ipo, or sigmoid for DPO")
-    p.add_argument("--beta", type=float, default=TrainConfig.beta)
-    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
-                   help="learning rate of a round from the base (the first, or --init fresh)")
-    p.add_argument("--continue-learning-rate", type=float, default=RoundConfig.continue_learning_rate,
-                   help="learning rate of a round that continues the serving adapter (README, 'A round, in brief')")
-    p.add_argument("--sft-weight", type=float, default=TrainConfig.sft_weight,
-                   help="weight of the chosen answers' NLL added to the preference loss (README, 'A round, in brief')")
-    p.add_argument("--epochs", type=float, default=TrainConfig.epochs)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--max-length", type=int, default=TrainConfig.max_length)
-    p.add_argument("--lora-r", type=int, default=TrainConfig.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=TrainConfig.lora_alpha)
-    p.add_argument("--quantize", choices=["4bit"], default=None, help="QLoRA with bitsandbytes nf4")
-    p.add_argument("--min-pairs", type=int, default=RoundConfig.min_pairs)
-    p.add_argument("--heldout-fraction", type=float, default=RoundConfig.heldout_fraction)
-    p.add_argument("--min-heldout-accuracy", type=float, default=RoundConfig.min_heldout_accuracy,
-                   help="gate: refuse when the held-out votes show accuracy below this floor")
-    p.add_argument("--heldout-confidence", type=float, default=RoundConfig.heldout_confidence,
-                   help="gate: the confidence with which they must show it (one-sided bound)")
+    """Every round and training setting, from the config dataclasses (storage/flags.py)."""
+    add_flags(p, RoundConfig, exclude=("promote",))  # a round from the shell is promoted by its gate
+    add_flags(p, TrainConfig)
     p.add_argument("--model", default=None, help="base model (default: the one the app serves)")
-    p.add_argument("--launcher", default=os.environ.get("PREFLOOP_TRAINER_LAUNCHER", ""),
-                   help='run training under a launcher, e.g. "accelerate launch --num_processes 4" for 4 GPUs '
-                   "(env PREFLOOP_TRAINER_LAUNCHER)")
 
 
 def _config(args: argparse.Namespace) -> RoundConfig:
-    train = TrainConfig(loss=args.loss, beta=args.beta, learning_rate=args.learning_rate, epochs=args.epochs,
-                        sft_weight=args.sft_weight, max_steps=args.max_steps, batch_size=args.batch_size,
-                        max_length=args.max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                        quantize=args.quantize)
-    return RoundConfig(init=args.init, continue_learning_rate=args.continue_learning_rate,
-                       min_pairs=args.min_pairs, heldout_fraction=args.heldout_fraction,
-                       min_heldout_accuracy=args.min_heldout_accuracy,
-                       heldout_confidence=args.heldout_confidence, launcher=shlex.split(args.launcher),
-                       train=train)
-
-
-def _serving(store: VoteStore) -> str | None:
-    history = json.loads(store.get_setting("serving_history", "[]"))
-    return history[-1] if history else None
+    return from_flags(RoundConfig, args, train=from_flags(TrainConfig, args))
 
 
 def _run_round(args, store: VoteStore, rounds: Rounds, seeds=None) -> int:
@@ -88,10 +53,8 @@ def _run_round(args, store: VoteStore, rounds: Rounds, seeds=None) -> int:
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('rewards/accuracies', 0):.2f}")
             bar.refresh()
 
-    serving = _serving(store)
-    init = str(rounds.adapters / serving) if serving and args.init == "previous" else None
     try:
-        manifest = rounds.run(_config(args), on_progress=progress, init_adapter=init, seed_pairs=seeds)
+        manifest = rounds.run(_config(args), on_progress=progress, seed_pairs=seeds)
     finally:
         bar.close()
     print(f"round {manifest['round']}: {manifest['status']} — {manifest['reason']}")
@@ -103,7 +66,7 @@ def _run_round(args, store: VoteStore, rounds: Rounds, seeds=None) -> int:
 
 def _status(store: VoteStore, rounds: Rounds, as_json: bool) -> int:
     rows = rounds.all_rounds()
-    info = {"serving": _serving(store) or "base", "votes": store.count_votes(),
+    info = {"serving": ServingLog(store).current(), "votes": store.count_votes(),
             "votes_since_last_round": store.count_votes(rounds.last_watermark()), "rounds": rows}
     if as_json:
         print(json.dumps(info, indent=2, default=str))
@@ -141,7 +104,7 @@ def _publish(args, store: VoteStore, rounds: Rounds) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     help_dir = "the app's data dir (default: $PREFLOOP_DATA_DIR or ./data)"
@@ -164,15 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     fd.add_argument("source", help="parquet/json(l) file, a PrefLoop export, or a Hub dataset id")
     fd.add_argument("--split", default="train")
     _round_args(fd)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(parser(), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         store = VoteStore(args.data_dir / "votes.db")
         if args.command == "rollback":
-            store.set_setting("rollback_request", "1")
-            print(f"rollback requested: the running app leaves {_serving(store) or 'base'} within seconds")
+            ServingLog(store).request_rollback()
+            print(f"rollback requested: the running app leaves {ServingLog(store).current()} within seconds")
             return 0
-        model = getattr(args, "model", None) or store.get_setting("base_model")
+        model = getattr(args, "model", None) or ServingLog(store).base_model()
         if model is None:
             from collector.models import resolve_model
 
@@ -190,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         n = import_pairs(store, args.source, args.split)
         print(f"{n} new seed pairs from {args.source}")
         return _run_round(args, store, rounds, seeds=seed_pairs(store, args.source))
-    except (RoundError, StorageError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"prefloop trainer: error: {e}", file=sys.stderr)
         return 2
 

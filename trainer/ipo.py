@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.flags import setting
 from storage.procs import die_with_parent
 from trainer.data import CUT_COLUMNS
 
@@ -28,53 +29,35 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one round.
+    """Hyperparameters of one round; each field's help is its flag's (storage/flags.py).
 
-    Fields:
-        loss (str, default "ipo"): TRL loss type; "sigmoid" is DPO with the same machinery.
-        beta (float, default 0.5): IPO's tau: the per-token log-ratio gap target is 1/(2*beta).
-        learning_rate (float, default 3e-4): AdamW learning rate for the LoRA weights. Both chosen
-            by measurement (docs/experiments.md, "round defaults"): beta 0.1 with 5e-5..2e-4 barely moved the policy in
-            one round; 1e-3 made answers repeat themselves (the gate refused them).
-        sft_weight (float, default 0.2): weight of TRL's "sft" loss (the chosen answers' NLL per
-            token) added to the preference loss, as RPO does; 0 trains the preference loss alone.
-            It keeps probability on the chosen answers while the rejected ones are pushed down:
-            without it, a default first round on 64 votes once drove greedy answers into
-            "1. **1. **1. **..." (refused by the gate); with 0.2 the same votes gave a promoted
-            adapter that won 0.92 against the base (README, "Rounds").
-        epochs (float, default 2.0): passes over this round's training pairs.
-        max_steps (int, default -1): stop after this many optimiser steps (-1: from epochs).
-        batch_size (int, default 4): pairs per optimiser step (per device).
-        grad_accum (int, default 1): gradient accumulation steps.
-        max_length (int, default 512): prompt + answer tokens kept per sequence.
-        lora_r (int, default 16): LoRA rank (must not exceed the server's --max-lora-rank).
-        lora_alpha (int, default 32): LoRA scaling numerator.
-        lora_dropout (float, default 0.0): dropout inside LoRA layers.
-        quantize (str | None, default None): "4bit" for QLoRA (bitsandbytes nf4).
-        bf16 (bool | None, default None): bf16 autocast; None = where the hardware has it (CUDA with
-            bf16, or a CPU with AVX512-BF16/AMX), fp32 elsewhere.
-        seed (int, default 0): trainer seed.
-        sample_prompts (list, default []): prompts for the post-training degeneration check.
-        fault (str | None, default None): test hook: "nan" forces a NaN loss.
+    The defaults were chosen by measurement on the embedded model (docs/experiments.md, "round
+    defaults"): beta 0.1 barely moved the policy in one round and a learning rate of 1e-3 made
+    answers repeat themselves; without the NLL term a first round on 64 votes once drove greedy
+    answers into repetition, which 0.2 turned into a clear win.
     """
 
-    loss: str = "ipo"
-    beta: float = 0.5
-    learning_rate: float = 3e-4
-    sft_weight: float = 0.2
-    epochs: float = 2.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    quantize: str | None = None
-    bf16: bool | None = None
-    seed: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    fault: str | None = None
+    loss: str = setting("ipo", help="TRL loss type: ipo, or sigmoid for DPO with the same machinery",
+                        choices=["ipo", "sigmoid"])
+    beta: float = setting(0.5, help="IPO's beta (tau): the per-token log-ratio gap target is 1/(2*beta)")
+    learning_rate: float = setting(3e-4, help="LoRA learning rate of a round from the base (the first, or "
+                                   "--init fresh)")
+    sft_weight: float = setting(0.2, help="weight of the chosen answers' NLL per token added to the preference "
+                                "loss, as RPO does (0: the preference loss alone)")
+    epochs: float = setting(2.0, help="passes over a round's training pairs")
+    max_steps: int = setting(-1, help="stop after this many optimiser steps (-1: from --epochs)")
+    batch_size: int = setting(4, help="pairs per optimiser step (per device)")
+    grad_accum: int = setting(1, help="gradient accumulation steps")
+    max_length: int = setting(512, help="prompt + answer tokens kept per sequence")
+    lora_r: int = setting(16, help="LoRA rank of new adapters (at most the server's --max-lora-rank)")
+    lora_alpha: int = setting(32, help="LoRA scaling numerator")
+    lora_dropout: float = setting(0.0, help="dropout inside LoRA layers")
+    quantize: str | None = setting(None, help="4bit: QLoRA (bitsandbytes nf4, CUDA or CPU)", choices=["4bit"])
+    bf16: bool | None = setting(None, help="bf16 autocast (default: where the hardware has it: CUDA with bf16, "
+                                "or a CPU with AVX512-BF16/AMX)")
+    seed: int = setting(0, help="trainer seed")
+    sample_prompts: list[str] = field(default_factory=list)  # for the degeneration check; set by the round
+    fault: str | None = None  # test hook: "nan" forces a NaN loss
 
     def __post_init__(self) -> None:
         if self.loss not in ("ipo", "sigmoid"):

@@ -23,8 +23,11 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from storage.errors import UserError
+from storage.flags import setting
 from storage.procs import die_with_parent
 from storage.rounds import AWAITING, FAILED, PROMOTED, REJECTED, RoundLog
+from storage.serving import BASE, ServingLog
 from storage.votes import VoteStore
 from trainer.data import build_pairs, cap_shares, is_heldout
 from trainer.ipo import TrainConfig, TrainSpec
@@ -32,67 +35,47 @@ from trainer.ipo import TrainConfig, TrainSpec
 logger = logging.getLogger(__name__)
 
 
-class RoundError(Exception):
+class RoundError(UserError):
     """A round could not start (another is running, too few pairs) or failed."""
 
 
 @dataclass
 class RoundConfig:
-    """How rounds are run and gated.
+    """How rounds are run and gated; each field's help is its flag's (storage/flags.py).
 
-    Fields:
-        init (str, default "previous"): "previous" continues the serving adapter (iterative IPO,
-            pairs since the last round); "fresh" trains a new adapter from the base on all pairs.
-        continue_learning_rate (float | None, default 1e-4): the learning rate of a round that
-            continues an adapter (``train.learning_rate`` is for rounds from the base); None: the
-            same for both. Measured (README, "Rounds"): on round 1's own answers, round 2 at 1e-4
-            won as often against round 1 as at 3e-4 with a quarter of the drift (KL 0.04 vs 0.17
-            nats/token); replayed on the base's answers, 3e-4 drove round 2 into repetition.
-        min_pairs (int, default 4): fewest training pairs worth a round.
-        heldout_fraction (float, default 0.1): share of prompts held out for evaluation.
-        min_heldout_accuracy (float, default 0.5): gate: the floor for held-out accuracy, measured
-            on the per-token log-ratio margin IPO optimises (``eval_ipo/accuracy``; TRL's
-            token-summed ``eval_rewards/accuracies`` for other losses) over the held-out pairs
-            with a preference. The gate refuses an adapter when the held-out votes show, at
-            ``heldout_confidence``, that its accuracy is below the floor (the one-sided
-            Clopper-Pearson upper bound is below it), not when a point estimate on a dozen pairs
-            dips: a default round on 58 votes scored 0.625 on 118 held-out pairs, and such an
-            adapter falls below 0.5 on 12 pairs one time in eight.
-        heldout_confidence (float, default 0.95): the confidence of that bound.
-        max_heldout_pairs (int, default 96): the held-out slice is every held-out vote up to the
-            watermark, not only the new ones (more pairs, a surer gate), newest first, up to this
-            many pairs.
-        min_distinct_2 (float, default 0.3): gate: mean distinct-bigram ratio of sample answers.
-        max_distinct_2_drop (float, default 0.15): gate: how far that ratio may fall below the base's
-            on the same prompts (SmolLM2's own greedy poem scores 0.44, so a fixed floor alone misleads).
-        sample_prompts (int, default 3): sample answers generated for the degeneration gate.
-        timeout_s (float, default 3600): kill the training subprocess after this long.
-        launcher (list[str], default []): run the trainer under this launcher instead of plain
-            python, e.g. ``["accelerate", "launch", "--num_processes", "4"]`` for data-parallel
-            training on 4 GPUs (the launcher gets ``-m trainer.ipo SPEC``).
-        max_share (float, default 0.25): the largest share of a round's training pairs one person's
-            votes may make up; their oldest votes train first and the rest wait for later rounds, so
-            one person (or a few accounts) cannot steer the model. Admins are not capped. 1: no cap.
-        promote (str, default "auto"): "auto" serves a round that passes the gate at once; "manual"
-            leaves it ``awaiting`` until an admin promotes (or rejects) it in the Admin tab. The app
-            picks "manual" when anyone may annotate.
-        train (TrainConfig): hyperparameters.
+    Why these defaults (docs/experiments.md): a round that continues an adapter trains at 1e-4, as
+    on round 1's own answers it won as often as at 3e-4 with a quarter of the drift, and on the
+    base's answers 3e-4 drove it into repetition. The held-out gate refuses an adapter only when
+    the votes show it is worse (a one-sided Clopper-Pearson bound below the floor), not when a
+    point estimate on a dozen pairs dips: an adapter at 0.625 falls below 0.5 on 12 pairs one time
+    in eight. The distinct-bigram check compares with the base on the same prompts, since a small
+    model's own greedy poem scores 0.44 and a fixed floor alone misleads.
     """
 
-    init: str = "previous"
-    continue_learning_rate: float | None = 1e-4
-    min_pairs: int = 4
-    heldout_fraction: float = 0.1
-    min_heldout_accuracy: float = 0.5
-    heldout_confidence: float = 0.95
-    max_heldout_pairs: int = 96
-    min_distinct_2: float = 0.3
-    max_distinct_2_drop: float = 0.15
-    sample_prompts: int = 3
-    timeout_s: float = 3600.0
-    launcher: list[str] = field(default_factory=list)
-    max_share: float = 0.25
-    promote: str = "auto"
+    init: str = setting("previous", help="previous: continue the serving adapter on the votes since the last "
+                        "round; fresh: a new adapter from the base on all votes", choices=["previous", "fresh"])
+    continue_learning_rate: float | None = setting(1e-4, help="learning rate of a round that continues an "
+                                                   "adapter (--learning-rate is for rounds from the base)")
+    min_pairs: int = setting(4, help="fewest training pairs worth a round")
+    heldout_fraction: float = setting(0.1, help="share of prompts held out for the gate")
+    min_heldout_accuracy: float = setting(0.5, help="gate: refuse an adapter whose held-out votes show accuracy "
+                                          "below this floor")
+    heldout_confidence: float = setting(0.95, help="gate: the confidence with which they must show it "
+                                        "(one-sided bound)")
+    max_heldout_pairs: int = setting(96, help="held-out pairs scored: every held-out vote so far, newest first, "
+                                     "up to this many")
+    min_distinct_2: float = setting(0.3, help="gate: mean distinct-bigram ratio of sample answers")
+    max_distinct_2_drop: float = setting(0.15, help="gate: how far that ratio may fall below the base's")
+    sample_prompts: int = setting(3, help="sample answers generated for the degeneration gate")
+    timeout_s: float = setting(3600.0, help="kill the training subprocess after this many seconds")
+    launcher: list[str] = setting(default_factory=list, split=True, env="PREFLOOP_TRAINER_LAUNCHER",
+                                  flags=["--launcher", "--trainer-launcher"],
+                                  help='run training under a launcher, e.g. "accelerate launch --multi_gpu '
+                                  '--num_processes 4" for 4 GPUs')
+    max_share: float = setting(0.25, help="largest share of a round's training pairs one person may hold "
+                               "(admins are not capped; 1: no cap); the rest wait for later rounds")
+    promote: str = setting("auto", help="auto: a round that passes the gate is served at once; manual: it waits "
+                           "for an admin in the Admin tab", choices=["auto", "manual"])
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -345,16 +328,31 @@ class Rounds:
 
     # -- a round -------------------------------------------------------------------------
 
+    def continues(self, cfg: RoundConfig) -> str | None:
+        """The adapter folder a round starts from, and uses as its reference: the served version
+        under ``init="previous"`` (iterative IPO), else None (the base). Decided here only."""
+        if cfg.init == "fresh":
+            return None
+        current = ServingLog(self.store).current()
+        if current == BASE:
+            return None
+        path = self.adapters / current
+        if not path.is_dir():
+            logger.warning("the served version %s has no folder in %s; the round starts from the base",
+                           current, self.adapters)
+            return None
+        return str(path)
+
     def run(
         self,
         cfg: RoundConfig,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
-        init_adapter: str | None = None,
         seed_pairs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Run one round to a verdict; returns the manifest. RoundError if one is running.
 
-        ``seed_pairs`` (warm start): train on these imported pairs instead of votes, from the base.
+        The round continues what ``continues`` names. ``seed_pairs`` (warm start): train on these
+        imported pairs instead of votes, from the base.
         """
         try:
             self.lock.acquire(timeout=0)
@@ -364,11 +362,11 @@ class Rounds:
             ) from None
         try:
             self._cleanup_locked()
-            return self._run_locked(cfg, on_progress, init_adapter, seed_pairs)
+            return self._run_locked(cfg, on_progress, seed_pairs)
         finally:
             self.lock.release()
 
-    def _run_locked(self, cfg, on_progress, init_adapter, seed_pairs) -> dict[str, Any]:
+    def _run_locked(self, cfg, on_progress, seed_pairs) -> dict[str, Any]:
         held_back: dict[str, int] = {}
         if seed_pairs is not None:  # a warm start consumes no votes
             watermark = after = self.last_watermark()
@@ -380,7 +378,7 @@ class Rounds:
         else:
             watermark = self.store.max_vote_id()
             after = 0 if cfg.init == "fresh" else self.last_watermark()
-            init = None if cfg.init == "fresh" else init_adapter
+            init = self.continues(cfg)
             consumed = set() if cfg.init == "fresh" else self.log.consumed_votes()
             train, heldout, held_back = split_votes(self.store.votes_with_pairs(0, watermark), consumed, cfg,
                                                     self.store.admin_keys())

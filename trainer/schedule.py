@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.flags import setting
 from trainer.rounds import RoundConfig, RoundError, Rounds
 
 logger = logging.getLogger(__name__)
@@ -21,18 +22,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ScheduleConfig:
-    """Triggers for automatic rounds.
+    """Triggers for automatic rounds; each field's help is its flag's (storage/flags.py)."""
 
-    Fields:
-        min_new_votes (int, default 64): start a round when this many votes (left/right/tie)
-            arrived since the last promoted round; 0 disables.
-        every_minutes (float, default 0): also start one this often if there are enough pairs; 0 disables.
-        check_every_s (float, default 10): how often the triggers are checked.
-        paused (bool, default False): start paused (the admin can resume).
-    """
-
-    min_new_votes: int = 64
-    every_minutes: float = 0.0
+    min_new_votes: int = setting(64, flags=["--round-every-votes"],
+                                 help="start a round when this many new usable votes arrived (0: off)")
+    every_minutes: float = setting(0.0, flags=["--round-every-minutes"],
+                                   help="also start one this often if there are enough pairs (0: off)")
     check_every_s: float = 10.0
     paused: bool = False
 
@@ -55,13 +50,11 @@ class Scheduler:
         rounds: Rounds,
         round_config: RoundConfig,
         config: ScheduleConfig,
-        serving_adapter: Callable[[], str | None],
         on_promoted: Callable[[list[str]], Any],
     ):
         self.rounds = rounds
         self.round_config = round_config
         self.config = config
-        self.serving_adapter = serving_adapter
         self.on_promoted = on_promoted
         self.paused = config.paused
         self.job: RoundJob | None = None
@@ -117,9 +110,7 @@ class Scheduler:
     def _run(self, job: RoundJob) -> None:
         logger.info("round triggered: %s", job.reason)
         try:
-            adapter = self.serving_adapter()
-            init = str(self.rounds.adapters / adapter) if adapter else None
-            job.manifest = self.rounds.run(self.round_config, on_progress=job.progress.append, init_adapter=init)
+            job.manifest = self.rounds.run(self.round_config, on_progress=job.progress.append)
             if job.manifest.get("status") == "promoted":
                 self.on_promoted(self.promoted_names())
         except Exception as e:  # reported on the admin tab; the app keeps serving

@@ -5,11 +5,9 @@ from typing import Any
 
 import gradio as gr
 
-from collector.annotate import Annotation, Busy, RateLimited
-from collector.errors import EngineError
-from collector.prompts import PromptError
+from collector.annotate import Annotation
 from collector.users import Access
-from storage.errors import StorageError
+from storage.errors import UserError
 from ui.errors import refused
 from ui.render import render
 
@@ -36,7 +34,7 @@ document.addEventListener('keydown', (e) => {
 </script>
 """
 
-USER_ERRORS = (PromptError, RateLimited, Busy, PermissionError, EngineError, StorageError)
+USER_ERRORS = (UserError, PermissionError)  # shown as a notice; anything else is a bug
 
 def _user(access: Access, request: gr.Request) -> str:
     """The annotator's key, checked on the server for this event; gr.Error if they may not annotate."""
