@@ -1,6 +1,7 @@
 """The Annotate tab and the `/next_pair`, `/vote` API endpoints (same checks for both)."""
 
 import html
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -71,103 +72,156 @@ def _html(elem_id: str, value: str = "") -> gr.HTML:
     return gr.HTML(value, elem_id=elem_id, js_on_load=None, apply_default_css=True)
 
 
+# -- the handlers: module-level, testable without a browser; each returns (or yields) a dict of
+# component name -> new value, and the wiring below maps the names to the components.
+
+PAIR_VIEW = ("prompt", "left", "right", "pair_id", *(eid for _, _, eid, _ in VOTES), "status", "own")
+
+
+def _buttons(enabled: bool) -> dict[str, Any]:
+    return {eid: gr.Button(interactive=enabled) for _, _, eid, _ in VOTES}
+
+
+def _shown(svc: Annotation, upd: dict[str, Any], user: str) -> dict[str, Any]:
+    """A finished pair: both answers, its id, the vote buttons on, the counts; the prompt box cleared."""
+    return {"prompt": prompt_html(upd["prompt"]), "left": answer_html(upd["left"], upd["cut_left"]),
+            "right": answer_html(upd["right"], upd["cut_right"]), "pair_id": upd["pair_id"],
+            **_buttons(True), "status": _counts_md(svc, user), "own": ""}
+
+
+def _blocked(message: str) -> dict[str, Any]:
+    return {"prompt": message, "left": "", "right": "", "pair_id": None, **_buttons(False), "status": "",
+            "own": gr.skip()}
+
+
+def load_pair(svc: Annotation, access: Access, own_text: str, request: Any) -> Iterator[dict[str, Any]]:
+    """A new pair (from the queue, or for the annotator's own prompt), streamed as it generates."""
+    user = _user(access, request)
+    try:
+        for upd in svc.stream_pair(user, own_text or None):
+            if upd["done"]:
+                yield _shown(svc, upd, user)
+            else:
+                yield {"prompt": prompt_html(upd["prompt"]), "left": answer_html(upd["left"]),
+                       "right": answer_html(upd["right"]), "pair_id": None, **_buttons(False),
+                       "status": gr.skip(), "own": gr.skip()}
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+
+
+def first_pair(svc: Annotation, access: Access, request: Any) -> Iterator[dict[str, Any]]:
+    """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
+    person = access.person(request)
+    if person is None:  # Sign in with Hugging Face: the page reloads once signed in
+        yield _blocked(SIGN_IN)
+        return
+    if not access.may_annotate(person):
+        yield _blocked(NOT_LISTED.format(name=html.escape(person.name)))
+        return
+    pending = svc.resume(person.key)
+    if pending is not None:
+        yield _shown(svc, pending, person.key)
+        return
+    yield from load_pair(svc, access, "", request)
+
+
+def skip_pair(svc: Annotation, access: Access, pair_id: str | None, request: Any) -> Iterator[dict[str, Any]]:
+    svc.skip(_user(access, request), pair_id)
+    yield from load_pair(svc, access, "", request)
+
+
+async def vote(svc: Annotation, access: Access, choice: str, pair_id: str | None, request: Any) -> dict[str, Any]:
+    """Record the vote (off the event loop; no vote waits for a generation); the buttons go off."""
+    user = _user(access, request)
+    if not pair_id:
+        raise refused("wait for both answers to finish before voting")
+
+    def record() -> str:
+        out = svc.vote(user, pair_id, choice)
+        return f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"
+
+    try:
+        line = await svc.off_loop(record)
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+    return {"pair_id": None, **_buttons(False), "status": line}
+
+
+def api_next_pair(svc: Annotation, access: Access, prompt: str, request: Any) -> dict[str, Any]:
+    user = _user(access, request)
+    try:
+        return svc.next_pair(user, prompt or None)
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+
+
+async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, request: Any) -> dict[str, Any]:
+    user = _user(access, request)
+    try:
+        return await svc.off_loop(svc.vote, user, pair_id, choice)
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+
+
+# -- the wiring ---------------------------------------------------------------------------
+
+
 def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
-    pair_id = gr.State(None)
-    prompt = _html("prompt", "<p>Loading a prompt...</p>")
+    c: dict[str, Any] = {"pair_id": gr.State(None), "prompt": _html("prompt", "<p>Loading a prompt...</p>")}
     with gr.Row(equal_height=True):
         with gr.Column(variant="panel"):
             gr.Markdown("#### A")
-            left = _html("answer-a")
+            c["left"] = _html("answer-a")
         with gr.Column(variant="panel"):
             gr.Markdown("#### B")
-            right = _html("answer-b")
+            c["right"] = _html("answer-b")
     with gr.Row():
-        buttons = [
-            gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
-                      variant="primary" if c in ("left", "right") else "secondary")
-            for label, c, eid, keys in VOTES
-        ]
+        for label, choice, eid, keys in VOTES:
+            c[eid] = gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
+                               variant="primary" if choice in ("left", "right") else "secondary")
         skip = gr.Button("Skip (S)", elem_id="skip", variant="secondary")
-    status = gr.Markdown(elem_id="status")
+    c["status"] = gr.Markdown(elem_id="status")
     with gr.Accordion("Write your own prompt", open=False):
-        own = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")
+        c["own"] = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")
         own_btn = gr.Button("Get two answers", elem_id="own-prompt-go")
+    pair_outputs = [c[k] for k in PAIR_VIEW]
+    vote_outputs = [c["pair_id"], *(c[eid] for _, _, eid, _ in VOTES), c["status"]]
 
-    def disabled() -> list[Any]:
-        return [gr.Button(interactive=False) for _ in buttons]
+    def keyed(view: dict[str, Any]) -> dict[Any, Any]:
+        return {c[k]: v for k, v in view.items()}
 
-    def show(upd: dict[str, Any], user: str) -> list[Any]:
-        return [prompt_html(upd["prompt"]), answer_html(upd["left"], upd["cut_left"]),
-                answer_html(upd["right"], upd["cut_right"]), upd["pair_id"],
-                *[gr.Button(interactive=True) for _ in buttons], _counts_md(svc, user), ""]
+    def on_load(request: gr.Request):
+        for view in first_pair(svc, access, request):
+            yield keyed(view)
 
-    def first_pair(request: gr.Request):
-        """On page load: resume an unvoted pair (a reload loses nothing), else a new one."""
-        person = access.person(request)
-        if person is None:  # Sign in with Hugging Face: the page reloads once signed in
-            yield [SIGN_IN, "", "", None, *disabled(), "", gr.skip()]
-            return
-        if not access.may_annotate(person):
-            yield [NOT_LISTED.format(name=html.escape(person.name)), "", "", None, *disabled(), "", gr.skip()]
-            return
-        user = person.key
-        pending = svc.resume(user)
-        if pending is not None:
-            yield show(pending, user)
-            return
-        yield from load_pair("", request)
+    def on_next(own_text: str, request: gr.Request):
+        for view in load_pair(svc, access, own_text, request):
+            yield keyed(view)
 
-    def skip_pair(pid: str | None, request: gr.Request):
-        svc.skip(_user(access, request), pid)
-        yield from load_pair("", request)
+    def on_skip(pid: str | None, request: gr.Request):
+        for view in skip_pair(svc, access, pid, request):
+            yield keyed(view)
 
-    def load_pair(own_text: str, request: gr.Request):
-        user = _user(access, request)
-        try:
-            for upd in svc.stream_pair(user, own_text or None):
-                if upd["done"]:
-                    yield show(upd, user)
-                else:
-                    yield [prompt_html(upd["prompt"]), answer_html(upd["left"]),
-                           answer_html(upd["right"]), None,
-                           *disabled(), gr.skip(), gr.skip()]
-        except USER_ERRORS as e:
-            raise refused(str(e)) from None
-
-    pair_outputs = [prompt, left, right, pair_id, *buttons, status, own]
-
-    def make_vote(choice: str):
-        def record(user: str, pid: str) -> str:
-            out = svc.vote(user, pid, choice)
-            return f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"
-
-        async def vote(pid: str | None, request: gr.Request):
-            user = _user(access, request)
-            if not pid:
-                raise refused("wait for both answers to finish before voting")
-            try:
-                line = await svc.off_loop(record, user, pid)
-            except USER_ERRORS as e:
-                raise refused(str(e)) from None
-            return [None, *disabled(), line]
-
-        return vote
+    def on_vote(choice: str):
+        async def handler(pid: str | None, request: gr.Request):
+            return keyed(await vote(svc, access, choice, pid, request))
+        return handler
 
     no_own = gr.State("")
-    for button, (_, choice, _, _) in zip(buttons, VOTES, strict=True):
+    for _, choice, eid, _ in VOTES:
         # Explicit ui_* names keep the public names /next_pair and /vote free for build_api.
-        button.click(
-            make_vote(choice), [pair_id], [pair_id, *buttons, status], trigger_mode="once",
+        c[eid].click(
+            on_vote(choice), [c["pair_id"]], vote_outputs, trigger_mode="once",
             api_name=f"ui_vote_{choice}", api_visibility="private", concurrency_limit=None,
-        ).success(load_pair, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private",
+        ).success(on_next, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private",
                   concurrency_limit=None)
     # Generation events have no per-event limit: the service's GenerationGate bounds them all together.
-    skip.click(skip_pair, [pair_id], pair_outputs, api_name="ui_skip", api_visibility="private", trigger_mode="once",
-               concurrency_limit=None)
-    own_btn.click(load_pair, [own], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
+    skip.click(on_skip, [c["pair_id"]], pair_outputs, api_name="ui_skip", api_visibility="private",
+               trigger_mode="once", concurrency_limit=None)
+    own_btn.click(on_next, [c["own"]], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
                   trigger_mode="once", concurrency_limit=None)
-    demo.load(first_pair, None, pair_outputs, api_name="ui_first_pair", api_visibility="private",
+    demo.load(on_load, None, pair_outputs, api_name="ui_first_pair", api_visibility="private",
               concurrency_limit=None)
 
 
@@ -176,19 +230,11 @@ def build_api(svc: Annotation, access: Access) -> None:
 
     def next_pair(prompt: str, request: gr.Request) -> dict:
         """Sample a new pair for the logged-in annotator; pass a prompt, or "" for the queue's next."""
-        user = _user(access, request)
-        try:
-            return svc.next_pair(user, prompt or None)
-        except USER_ERRORS as e:
-            raise refused(str(e)) from None
+        return api_next_pair(svc, access, prompt, request)
 
     async def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
         """Record a vote on a pair issued to you: choice is left, right, tie or both_bad."""
-        user = _user(access, request)
-        try:
-            return await svc.off_loop(svc.vote, user, pair_id, choice)
-        except USER_ERRORS as e:
-            raise refused(str(e)) from None
+        return await api_vote(svc, access, pair_id, choice, request)
 
     gr.api(next_pair, api_name="next_pair", concurrency_limit=None)
     gr.api(vote, api_name="vote", concurrency_limit=None)

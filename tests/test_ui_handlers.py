@@ -1,0 +1,70 @@
+"""The Annotate tab's handlers, called as Gradio calls them but without a browser or a model:
+a real vote store, the real access rules, requests that carry only what Gradio's would."""
+
+import asyncio
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from collector.annotate import AnnotateConfig, Annotation
+from collector.prompts import PromptQueue
+from collector.users import Access
+from storage.votes import VoteStore
+from ui import annotate
+
+
+def _request(name: str | None):
+    return SimpleNamespace(username=name, session_hash="s", request=None, headers={}, client=None)
+
+
+@pytest.fixture
+def ui(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    svc = Annotation(store, PromptQueue(store), serving=None, config=AnnotateConfig())
+    access = Access("password", store, admins={"alice"})
+    pid = store.issue_pair(annotator="bob", prompt_id=store.prompt_id("Say hi."),
+                           messages=[{"role": "user", "content": "Say hi."}], answer_left="Hi!",
+                           answer_right="Hello.", model_left="base", model_right="base", seed=1, params={},
+                           timings={})
+    return svc, access, store, pid
+
+
+def test_a_vote_is_recorded_and_turns_the_buttons_off(ui):
+    svc, access, store, pid = ui
+    view = asyncio.run(annotate.vote(svc, access, "left", pid, _request("bob")))
+    assert view["pair_id"] is None and view["status"].startswith("Vote #1 recorded")
+    assert {k for k, v in view.items() if isinstance(v, gr.Button) and v.interactive is False} == \
+        {"vote-a", "vote-b", "vote-tie", "vote-bad"}
+    assert store.count_votes() == 1
+
+
+def test_a_vote_on_someone_elses_pair_or_without_a_login_is_refused_and_nothing_is_stored(ui):
+    svc, access, store, pid = ui
+    with pytest.raises(gr.Error, match="issued to another annotator|not yours|another"):
+        asyncio.run(annotate.vote(svc, access, "left", pid, _request("carol")))
+    with pytest.raises(gr.Error):
+        asyncio.run(annotate.vote(svc, access, "left", pid, _request(None)))
+    with pytest.raises(gr.Error, match="wait for both answers"):
+        asyncio.run(annotate.vote(svc, access, "left", None, _request("bob")))
+    assert store.count_votes() == 0
+
+
+def test_a_reload_shows_the_unvoted_pair_again_without_generating(ui):
+    svc, access, _, pid = ui
+    views = list(annotate.first_pair(svc, access, _request("bob")))  # serving=None: a generation would fail
+    assert len(views) == 1 and views[0]["pair_id"] == pid
+    assert "Hi!" in views[0]["left"] and "Hello." in views[0]["right"]
+    assert set(views[0]) == set(annotate.PAIR_VIEW)
+
+
+def test_someone_not_listed_gets_the_notice_and_no_pair(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    svc = Annotation(store, PromptQueue(store), serving=None, config=AnnotateConfig())
+    access = Access("hf", store, admins={"alice"})
+    req = SimpleNamespace(username=None, session_hash="s", headers={}, client=None,
+                          request=SimpleNamespace(session={"oauth_info": {"userinfo": {
+                              "sub": "42", "preferred_username": "mallory<b>", "name": "M"}}}))
+    views = list(annotate.first_pair(svc, access, req))
+    assert len(views) == 1 and views[0]["pair_id"] is None
+    assert "not among this app's annotators" in views[0]["prompt"] and "mallory&lt;b&gt;" in views[0]["prompt"]
