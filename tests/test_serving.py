@@ -170,8 +170,8 @@ def test_restore_falls_back_when_the_serving_adapter_is_gone(engine, adapters, s
 
 def test_two_apps_on_one_server_each_serve_their_own_round_0001(engine, adapters, tmp_path):
     """Two apps (or replicas) attached to one vLLM server, each with its own adapter called
-    round-0001: before names carried a content digest, the second app's load was answered
-    "already loaded" and it silently served the first app's adapter."""
+    round-0001: vLLM knows an adapter by name, so the name it gets carries a digest of the
+    content, or the second app's load would be answered "already loaded" with the first's adapter."""
     import shutil
 
     ep = engine.endpoints[0]

@@ -287,7 +287,7 @@ def _admin_event(app: RunningApp, client: httpx.Client, name: str, data: list | 
 def test_on_a_space_the_app_signs_people_in_with_hugging_face(space_app):
     log = space_app.log.read_text()
     assert "sign in with Hugging Face" in log
-    assert "Traceback" not in log, log  # gradio's Spaces hot-reload watcher, without `spaces`, used to crash
+    assert "Traceback" not in log, log  # gradio's Spaces hot-reload watcher must stay off (no `spaces` package)
     http_client = httpx.Client(base_url=space_app.url, timeout=30)
     assert "hf-login" in http_client.get("config").text  # the page is open; the login button is on it
     r = http_client.get("login/huggingface", follow_redirects=False)

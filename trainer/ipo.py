@@ -33,8 +33,8 @@ class TrainConfig:
 
     The defaults were chosen by measurement on the embedded model (docs/experiments.md, "round
     defaults"): beta 0.1 barely moved the policy in one round and a learning rate of 1e-3 made
-    answers repeat themselves; without the NLL term a first round on 64 votes once drove greedy
-    answers into repetition, which 0.2 turned into a clear win.
+    answers repeat themselves; the NLL term keeps probability on the chosen answers, which IPO
+    alone lets fall with the rejected ones until answers repeat.
     """
 
     loss: str = setting("ipo", help="TRL loss type: ipo, or sigmoid for DPO with the same machinery",
