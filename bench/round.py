@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import embedded_model
 
+from storage.flags import add_flags, from_flags, parse
 from storage.votes import VoteStore
 from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, Rounds
@@ -62,21 +63,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--words", type=int, default=60, help="words in the longer answer")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--quantize", choices=["none", "4bit", "both"], default="none",
+    add_flags(p, TrainConfig, only=["max_length", "batch_size", "epochs", "lora_r", "learning_rate", "beta"])
+    p.set_defaults(max_length=256, epochs=1.0)  # the bench's round: one pass over short synthetic pairs
+    p.add_argument("--quantize", dest="quantize_mode", choices=["none", "4bit", "both"], default="none",
                    help="both: a 16-bit round, then a QLoRA (nf4) round on the same pairs, side by side")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has it (CUDA, AVX512-BF16/AMX CPUs)")
     p.add_argument("--mistral-7b-shaped", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefloop-bench")
-    args = p.parse_args()
+    args = parse(p)
     model = mistral_7b_shaped(args.data_dir / "mistral-7b-shaped") if args.mistral_7b_shaped \
         else embedded_model(args.data_dir)
     rows = []
-    for quantize in (["none", "4bit"] if args.quantize == "both" else [args.quantize]):
+    for quantize in (["none", "4bit"] if args.quantize_mode == "both" else [args.quantize_mode]):
         rows.append((quantize, *one_round(args, model, None if quantize == "none" else "4bit")))
     if len(rows) > 1:
         print("\n| base weights | s/step | tokens/s | peak RSS (MB) | peak CUDA (MB) | train loss |")
@@ -95,9 +95,8 @@ def one_round(args, model: Path, quantize: str | None) -> tuple[dict, float]:
     # One synthetic annotator: no per-person cap (it would hold back all but 25%).
     cfg = RoundConfig(heldout_fraction=0.0, sample_prompts=1, min_distinct_2=0.0, max_distinct_2_drop=1.0,
                       max_share=1.0,
-                      train=TrainConfig(epochs=args.epochs, max_length=args.max_length, batch_size=args.batch_size,
-                                        quantize=quantize,
-                                        bf16={"auto": None, "bf16": True, "fp32": False}[args.precision]))
+                      train=from_flags(TrainConfig, args, quantize=quantize,
+                                       bf16={"auto": None, "bf16": True, "fp32": False}[args.precision]))
     t0 = time.time()
     m = rounds.run(cfg)
     wall = time.time() - t0
