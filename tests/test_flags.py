@@ -94,3 +94,20 @@ def test_an_environment_default_yields_to_the_file_and_the_command_line(tmp_path
     cfg.write_text("trainer-launcher: torchrun\n")
     assert _config(parse(parser(), ["round", "--config", str(cfg)])).launcher == ["torchrun"]
     assert _config(parse(parser(), ["round", "--config", str(cfg), "--launcher", ""])).launcher == []
+
+
+@pytest.mark.parametrize("bench", ["iterative.py", "round.py"])
+def test_the_benches_offer_the_same_training_settings(bench):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / bench), "--help"], cwd=root / "bench",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for name in ("beta", "learning_rate"):
+        f = _settings(TrainConfig)[name]
+        assert f"--{name.replace('_', '-')}" in text and " ".join(f.metadata["help"].split()[:4]) in text
+    assert "--config" in text
