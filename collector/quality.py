@@ -80,11 +80,15 @@ def win_rates_with_intervals(outcomes: list[Outcome], anchor: str = "base", samp
 
 
 def binomial_two_sided_p(k: int, n: int, p: float = 0.5) -> float:
-    """Exact two-sided binomial test: P(a count at least as unlikely as k)."""
+    """Exact two-sided binomial test: P(a count at least as unlikely as k). The pmf is computed
+    in logs (lgamma), so it holds for any number of votes: C(n, i) as a float overflows past n ~ 1,030."""
     if n == 0:
         return 1.0
-    pmf = [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
-    return min(1.0, sum(x for x in pmf if x <= pmf[k] * (1 + 1e-9)))
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_pmf = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+               for i in range(n + 1)]
+    bound = log_pmf[k] + 1e-9
+    return min(1.0, sum(math.exp(x) for x in log_pmf if x <= bound))
 
 
 @dataclass

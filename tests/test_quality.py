@@ -62,3 +62,7 @@ def test_position_bias_flags_an_annotator_who_always_picks_left():
 def test_binomial_p_value_matches_known_values():
     assert binomial_two_sided_p(5, 10) == pytest.approx(1.0)
     assert binomial_two_sided_p(9, 10) == pytest.approx(22 / 1024)
+    # Thousands of votes (one busy annotator): a finite answer, not an OverflowError.
+    assert binomial_two_sided_p(2_500, 5_000) == pytest.approx(1.0)
+    assert binomial_two_sided_p(2_700, 5_000) < 1e-7
+    assert binomial_two_sided_p(520, 1_040) == pytest.approx(1.0)
