@@ -135,7 +135,7 @@ class Serving:
                     self._load(name)
                     self._serve(name, history)
                     break
-                except (AdapterRejected, EngineError) as e:
+                except EngineError as e:  # AdapterRejected included
                     logger.warning("cannot restore %s (%s); falling back", name, e)
                     history.pop()
             else:
@@ -194,7 +194,7 @@ class Serving:
         try:
             with self._lock:
                 self._load(pick)
-        except (AdapterRejected, EngineError) as e:
+        except EngineError as e:  # AdapterRejected included
             logger.warning("arena opponent %s unavailable (%s); using the base", pick, e)
             return BASE
         return pick
