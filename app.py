@@ -115,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompts", default=None,
                    help="prompts: a file (.txt one per line, .jsonl with 'prompt'), or a dataset (.parquet/.json/.csv "
                    "file or Hub id) with --prompts-column. Default: the bundled 211 prompts")
+    g.add_argument("--guidelines", type=Path, default=os.environ.get("PREFLOOP_GUIDELINES"), metavar="FILE.md",
+                   help="what 'better' means here, in Markdown: shown above each pair (open until a person has "
+                   "voted under this version), stored by version with each vote and in the dataset card "
+                   "(env PREFLOOP_GUIDELINES)")
     g.add_argument("--prompts-column", default="prompt", help="the dataset column with the prompts (text or messages)")
     g.add_argument("--prompts-split", default="train", help="the dataset split to read prompts from")
     add_flags(g, AnnotateConfig, exclude=("max_prompt_chars",))
@@ -239,6 +243,7 @@ def build(args: argparse.Namespace) -> App:
             users = Users.load(users_path)
         admins = {a.strip() for a in args.admins.split(",")} if args.admins else {next(iter(users.hashes))}
     check_port(args.host, args.port)
+    guidelines = read_guidelines(args.guidelines)
     store = VoteStore(data_dir / "votes.db", check=True)
     hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
@@ -288,7 +293,8 @@ def build(args: argparse.Namespace) -> App:
         )
         slots = args.max_concurrent_pairs or (64 if total_gib is not None else 8) * len(engine.endpoints)
         svc = Annotation(store, queue, serving, from_flags(
-            AnnotateConfig, args, sampling=from_flags(SamplingParams, args), max_concurrent_pairs=slots))
+            AnnotateConfig, args, sampling=from_flags(SamplingParams, args), max_concurrent_pairs=slots,
+            guidelines=guidelines))
 
         # delete_cache: files handed to browsers (dataset exports) leave Gradio's cache after an hour.
         with gr.Blocks(title="PrefLoop", delete_cache=(3600, 3600)) as demo:
@@ -366,6 +372,25 @@ def middleware(on_space: bool) -> list:
     from ui.http import LoginGuard, SecurityHeaders
 
     return [Middleware(SecurityHeaders), Middleware(LoginGuard, throttle=LoginThrottle(), trust_forwarded=on_space)]
+
+
+MAX_GUIDELINES_CHARS = 20_000
+
+
+def read_guidelines(path: Path | None) -> str:
+    """The guidelines file's text ("" without one); a one-line error for a file that cannot serve."""
+    from storage.errors import UserError
+
+    if path is None:
+        return ""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--guidelines {path}: cannot read it as UTF-8 text ({e})") from None
+    if len(text) > MAX_GUIDELINES_CHARS:
+        raise UserError(f"--guidelines {path}: {len(text):,} characters; keep guidelines under "
+                        f"{MAX_GUIDELINES_CHARS:,} (people read them before every session)")
+    return text
 
 
 def make_publisher(args: argparse.Namespace, store, rounds, hub):

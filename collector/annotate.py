@@ -122,6 +122,7 @@ class AnnotateConfig:
     max_waiting_pairs: int | None = setting(None, help="requests that may wait for a generation slot; past them "
                                             "people are told 'busy, try again in N s' (default: twice "
                                             "--max-concurrent-pairs)")
+    guidelines: str = ""  # the text of --guidelines (Markdown); "" for none
 
 
 def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: tuple[str, str]) -> dict[str, Any]:
@@ -139,6 +140,8 @@ class Annotation:
         self.serving = serving
         self.config = config
         self.limiter = RateLimiter(config.pairs_per_minute)
+        # The guidelines in force: stored by version, which each vote then carries.
+        self.guideline_version = store.add_guidelines(config.guidelines) if config.guidelines.strip() else None
         slots = config.max_concurrent_pairs or 8  # the app sizes it to the engine
         self.gate = GenerationGate(slots, 2 * slots if config.max_waiting_pairs is None else config.max_waiting_pairs)
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="vote")
@@ -220,11 +223,18 @@ class Annotation:
         last.pop("done", None)
         return last
 
-    def vote(self, annotator: str, pair_id: str, choice: str) -> dict[str, Any]:
+    def vote(self, annotator: str, pair_id: str, choice: str, reason: str | None = None) -> dict[str, Any]:
+        """Record a vote, with the guidelines' version in force and the annotator's optional reason."""
         if not annotator:
             raise PermissionError("log in first")
-        vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice))
+        vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice), reason=reason,
+                                         guideline=self.guideline_version)
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": Choice.parse(choice).value}
+
+    def guidelines_unread(self, annotator: str) -> bool:
+        """Whether to open the guidelines for this person: there are some they have not voted under."""
+        return self.guideline_version is not None and not self.store.has_read_guidelines(
+            annotator, self.guideline_version)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the service's own small pool (votes, counts): such calls never wait

@@ -177,9 +177,32 @@ def m0007_published_rounds(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0008_guidelines_and_reasons(conn: sqlite3.Connection) -> None:
+    # The annotation guidelines, one row per version (the text's hash), which version each person
+    # has read, and with each vote: the version it was cast under and an optional short reason.
+    _run(
+        conn,
+        """
+        CREATE TABLE guidelines (
+            version TEXT PRIMARY KEY,
+            text TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE guideline_reads (
+            annotator TEXT NOT NULL,
+            version TEXT NOT NULL REFERENCES guidelines(version),
+            read_at REAL NOT NULL,
+            PRIMARY KEY (annotator, version)
+        );
+        ALTER TABLE votes ADD COLUMN reason TEXT;
+        ALTER TABLE votes ADD COLUMN guideline TEXT;
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
-    m0006_people_private_prompts_round_votes, m0007_published_rounds,
+    m0006_people_private_prompts_round_votes, m0007_published_rounds, m0008_guidelines_and_reasons,
 ]
 
 

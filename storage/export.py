@@ -135,6 +135,11 @@ an earlier IPO round), and picked the better one, a tie, or "both are bad".
   `repeat_of` (the `pair_id` of the original when a pair was shown again to measure agreement;
   repeats are not in `preferences`).
 
+## Guidelines
+
+What annotators were told "better" means is in `guidelines/<version>.md`, one file per version
+(the text's hash), never changed once written.
+{guidelines}
 ## Files
 
 Files are immutable parquet segments named `<boot id>-<sequence>.parquet`; each app start writes its
@@ -143,14 +148,30 @@ unique only within one replica).
 {counts}"""
 
 
-def write_card(out: Path, title: str, counts: dict[str, int] | None = None) -> Path:
+def write_guidelines(out: Path, guidelines: list[dict]) -> list[Path]:
+    """Each version of the guidelines as ``guidelines/<version>.md`` (the store's ``guidelines()``)."""
+    paths = []
+    for g in guidelines:
+        path = Path(out) / "guidelines" / f"{g['version']}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(g["text"].rstrip() + "\n")
+        paths.append(path)
+    return paths
+
+
+def write_card(out: Path, title: str, counts: dict[str, int] | None = None,
+               guidelines: list[dict] | None = None) -> Path:
+    listed = "".join(
+        f"- `{g['version']}` (from {time.strftime('%Y-%m-%d', time.gmtime(g['created_at']))}): "
+        f"{g['votes']} votes\n" for g in guidelines or [])
+    listed = f"\n{listed}" if listed else ""
     text = ""
     if counts is not None:
         text = (f"\n## Counts\n\nAt export ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): "
                 f"{counts.get('votes', 0)} votes, {counts.get('preferences', 0)} preference pairs.\n")
     path = Path(out) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(CARD.format(title=title, counts=text))
+    path.write_text(CARD.format(title=title, counts=text, guidelines=listed))
     return path
 
 
@@ -161,5 +182,7 @@ def export_all(store: VoteStore, out: Path, salt: str, title: str = "PrefLoop pr
         if (out / config).exists() and any((out / config).iterdir()):
             raise FileExistsError(f"{out / config} is not empty; export into a new folder")
     counts = export_segment(store, out, f"export-{int(time.time())}-000000", 0, store.max_vote_id(), salt)
-    write_card(out, title, counts)
+    guidelines = store.guidelines()
+    write_guidelines(out, guidelines)
+    write_card(out, title, counts, guidelines)
     return counts

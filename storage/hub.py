@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.export import CONFIGS, export_segment, write_card
+from storage.export import CONFIGS, export_segment, write_card, write_guidelines
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,10 @@ class HubSync:
                 rel = f.relative_to(self.staged).as_posix()
                 if rel not in remote:
                     ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)))
+            for path in write_guidelines(self.staged.parent / "card", self.store.guidelines()):
+                rel = f"guidelines/{path.name}"  # one file per version: added once, never changed
+                if rel not in remote:
+                    ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
             if "README.md" not in remote:
                 card = write_card(self.staged.parent / "card", f"PrefLoop votes: {self.repo_id}")
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card)))

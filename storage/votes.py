@@ -3,6 +3,7 @@ idempotent on that token, and returns only after the vote is committed (synchron
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from storage.db import check_integrity, connect, create_private, damaged, migrat
 from storage.errors import StorageError, VoteRejected
 
 logger = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 1000  # a short reason with a vote, not an essay
 
 
 class Choice(StrEnum):
@@ -363,9 +366,15 @@ class VoteStore:
         self._writer.submit(lambda conn: conn.execute(
             "UPDATE pairs SET skipped_at = ? WHERE id = ? AND annotator = ?", (time.time(), pair_id, annotator)))
 
-    def record_vote(self, pair_id: str, annotator: str, choice: Choice | str) -> int:
-        """Commit a vote and return its id; replaying the same token returns the same id."""
+    def record_vote(self, pair_id: str, annotator: str, choice: Choice | str, reason: str | None = None,
+                    guideline: str | None = None) -> int:
+        """Commit a vote and return its id; replaying the same token returns the same id. ``reason``:
+        the annotator's optional words on why (at most MAX_REASON_CHARS); ``guideline``: the version
+        of the guidelines shown when it was cast."""
         choice = choice if isinstance(choice, Choice) else Choice.parse(choice)
+        reason = (reason or "").strip() or None
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            raise VoteRejected(f"the reason is {len(reason)} characters; keep it under {MAX_REASON_CHARS}")
 
         def write(conn: sqlite3.Connection) -> tuple[int, bool]:
             pair = conn.execute("SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)).fetchone()
@@ -382,15 +391,49 @@ class VoteStore:
                 return existing["id"], False
             now = time.time()
             cur = conn.execute(
-                "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at) VALUES (?, ?, ?, ?, ?)",
-                (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now),
+                "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at, reason, guideline) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now, reason, guideline),
             )
+            if guideline is not None:
+                conn.execute("INSERT OR IGNORE INTO guideline_reads(annotator, version, read_at) VALUES (?, ?, ?)",
+                             (annotator, guideline, now))
             return cur.lastrowid, True
 
         vote_id, new = self._writer.submit(write)
         if new:
             logger.info("vote %d pair=%s annotator=%s choice=%s", vote_id, pair_id, annotator, choice.value)
         return vote_id
+
+    # -- guidelines -----------------------------------------------------------------------
+
+    def add_guidelines(self, text: str) -> str:
+        """Store a version of the annotation guidelines; returns its version (the text's hash)."""
+        version = hashlib.sha256(text.strip().encode()).hexdigest()[:12]
+        with self._conn() as conn:
+            conn.execute("INSERT OR IGNORE INTO guidelines(version, text, created_at) VALUES (?, ?, ?)",
+                         (version, text.strip(), time.time()))
+        return version
+
+    def guidelines(self) -> list[dict[str, Any]]:
+        """Every version of the guidelines, oldest first, with the votes cast under each."""
+        with self._conn() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT g.version, g.text, g.created_at, "
+                "(SELECT COUNT(*) FROM votes v WHERE v.guideline = g.version) AS votes "
+                "FROM guidelines g ORDER BY g.created_at, g.version")]
+
+    def has_read_guidelines(self, annotator: str, version: str) -> bool:
+        """Whether this person has voted under this version (their first vote marks it read)."""
+        with self._conn() as conn:
+            return conn.execute("SELECT 1 FROM guideline_reads WHERE annotator = ? AND version = ?",
+                                (annotator, version)).fetchone() is not None
+
+    def vote_notes(self, vote_id: int) -> tuple[str | None, str | None]:
+        """(reason, guideline version) of a vote."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT reason, guideline FROM votes WHERE id = ?", (vote_id,)).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
 
     def count_votes(self, since: int = 0, usable_only: bool = False) -> int:
         """Votes with id greater than ``since`` (a watermark); ``usable_only``: those a round trains

@@ -182,10 +182,16 @@ class RunningApp:
 APP_ADAPTERS = "me/app-adapters"  # where the shared app publishes its promoted rounds (the stand-in Hub)
 
 
+GUIDELINES = "# Be brief\n\nPrefer the answer that says it in **fewer words**, if it is still right.\n"
+
+
 @pytest.fixture(scope="session")
 def app(engine, smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[RunningApp]:
-    running = RunningApp(tmp_path_factory.mktemp("app-data"), engine, smollm2_dir,
-                         ["--round-every-votes", "0", "--epochs", "1", "--hub-model", APP_ADAPTERS],
+    data = tmp_path_factory.mktemp("app-data")
+    (data / "guidelines.md").write_text(GUIDELINES)
+    running = RunningApp(data, engine, smollm2_dir,
+                         ["--round-every-votes", "0", "--epochs", "1", "--hub-model", APP_ADAPTERS,
+                          "--guidelines", str(data / "guidelines.md")],
                          env={"HF_TOKEN": "hf_stand_in", "HF_ENDPOINT": hub_stub.url})
     yield running
     running.stop()

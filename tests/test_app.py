@@ -9,21 +9,29 @@ import sys
 
 import pytest
 
+from storage.votes import Choice
 from tests.conftest import ROOT
 
 
 def test_next_pair_and_vote_through_gradio_client_land_in_sqlite(app):
     client = app.client("alice")
-    pair = client.predict("", api_name="/next_pair")
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    choice = next(p for p in api["/vote"]["parameters"] if p["parameter_name"] == "choice")
+    assert set(choice["type"].get("enum", [])) == {c.value for c in Choice}  # listed on the API page
+    assert [p["parameter_has_default"] for p in api["/next_pair"]["parameters"]] == [True]
+    pair = client.predict(api_name="/next_pair")  # the prompt is optional: the queue's next
     assert set(pair) >= {"pair_id", "prompt", "left", "right", "cut_left", "cut_right"}
     assert pair["left"] != pair["right"]
-    out = client.predict(pair["pair_id"], "right", api_name="/vote")
+    out = client.predict(pair["pair_id"], "right", "clearer", api_name="/vote")
     assert out["choice"] == "right"
     with sqlite3.connect(app.data_dir / "votes.db") as conn:
         row = conn.execute(
-            "SELECT v.annotator, v.choice, p.answer_left, p.answer_right, p.finish_left, p.finish_right "
-            "FROM votes v JOIN pairs p ON p.id = v.pair_id WHERE v.id = ?", (out["vote_id"],)).fetchone()
+            "SELECT v.annotator, v.choice, p.answer_left, p.answer_right, p.finish_left, p.finish_right, "
+            "v.reason, v.guideline FROM votes v JOIN pairs p ON p.id = v.pair_id WHERE v.id = ?",
+            (out["vote_id"],)).fetchone()
+        versions = [r[0] for r in conn.execute("SELECT version FROM guidelines")]
     assert row[:4] == ("alice", "right", pair["left"], pair["right"])
+    assert row[6] == "clearer" and versions == [row[7]]  # the reason, and the guidelines it was cast under
     # cut_*: that answer stopped at the token limit (vLLM's finish reason), as stored with the pair
     assert (pair["cut_left"], pair["cut_right"]) == (row[4] == "length", row[5] == "length")
     assert row[4] in ("stop", "length") and row[5] in ("stop", "length")

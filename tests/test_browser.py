@@ -39,6 +39,12 @@ def shown_pair(page) -> tuple[str, str]:
 def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
     page = login(browser, app, "alice")
     first = shown_pair(page)
+    guide = page.locator("#guidelines")
+    assert "Guidelines" in guide.inner_text()
+    if not page.locator("#guidelines-text").is_visible():  # folded once alice has voted under them
+        guide.get_by_text("Guidelines").first.click()
+    page.wait_for_selector("#guidelines-text strong:has-text('fewer words')", timeout=10_000)  # rendered
+    page.locator("#reason").locator("textarea, input").first.fill("more to the point")
     page.click("#vote-a")
     page.wait_for_selector("#status:has-text('recorded')", timeout=60_000)
     second = shown_pair(page)  # the next pair loads by itself
@@ -52,6 +58,10 @@ def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
             "SELECT v.choice, p.answer_left, p.answer_right, p.finish_left, p.finish_right FROM votes v "
             "JOIN pairs p ON p.id = v.pair_id WHERE v.annotator = 'alice' ORDER BY v.id DESC LIMIT 2").fetchall()
     (kchoice, kleft, kright, *_), (cchoice, cleft, cright, *cfinish) = rows
+    with sqlite3.connect(app.data_dir / "votes.db") as conn:
+        reasons = [r[0] for r in conn.execute(
+            "SELECT reason FROM votes WHERE annotator = 'alice' ORDER BY id DESC LIMIT 2")]
+    assert reasons == [None, "more to the point"]  # typed before the click; the key vote had none
     assert (cchoice, kchoice) == ("left", "right")
     # What the browser showed as A/B is what was stored as left/right (rendered text vs markdown source).
     assert first[0].split()[:3] == cleft.split()[:3] and first[1].split()[:3] == cright.split()[:3]

@@ -32,7 +32,7 @@ def ui(tmp_path):
 
 def test_a_vote_is_recorded_and_turns_the_buttons_off(ui):
     svc, access, store, pid = ui
-    view = asyncio.run(annotate.vote(svc, access, "left", pid, _request("bob")))
+    view = asyncio.run(annotate.vote(svc, access, "left", pid, "", _request("bob")))
     assert view["pair_id"] is None and view["status"].startswith("Vote #1 recorded")
     assert {k for k, v in view.items() if isinstance(v, gr.Button) and v.interactive is False} == \
         {"vote-a", "vote-b", "vote-tie", "vote-bad"}
@@ -42,11 +42,11 @@ def test_a_vote_is_recorded_and_turns_the_buttons_off(ui):
 def test_a_vote_on_someone_elses_pair_or_without_a_login_is_refused_and_nothing_is_stored(ui):
     svc, access, store, pid = ui
     with pytest.raises(gr.Error, match="issued to another annotator|not yours|another"):
-        asyncio.run(annotate.vote(svc, access, "left", pid, _request("carol")))
+        asyncio.run(annotate.vote(svc, access, "left", pid, "", _request("carol")))
     with pytest.raises(gr.Error):
-        asyncio.run(annotate.vote(svc, access, "left", pid, _request(None)))
+        asyncio.run(annotate.vote(svc, access, "left", pid, "", _request(None)))
     with pytest.raises(gr.Error, match="wait for both answers"):
-        asyncio.run(annotate.vote(svc, access, "left", None, _request("bob")))
+        asyncio.run(annotate.vote(svc, access, "left", None, "", _request("bob")))
     assert store.count_votes() == 0
 
 
@@ -55,7 +55,7 @@ def test_a_reload_shows_the_unvoted_pair_again_without_generating(ui):
     views = list(annotate.first_pair(svc, access, _request("bob")))  # serving=None: a generation would fail
     assert len(views) == 1 and views[0]["pair_id"] == pid
     assert "Hi!" in views[0]["left"] and "Hello." in views[0]["right"]
-    assert set(views[0]) == set(annotate.PAIR_VIEW)
+    assert set(views[0]) == {*annotate.PAIR_VIEW, "guidelines"}
 
 
 def test_someone_not_listed_gets_the_notice_and_no_pair(tmp_path):

@@ -2,13 +2,14 @@
 
 import html
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import gradio as gr
 
 from collector.annotate import Annotation
 from collector.users import Access
 from storage.errors import UserError
+from storage.votes import MAX_REASON_CHARS
 from ui.errors import refused
 from ui.render import render
 
@@ -89,6 +90,13 @@ def _shown(svc: Annotation, upd: dict[str, Any], user: str) -> dict[str, Any]:
             **_buttons(True), "status": _counts_md(svc, user), "own": ""}
 
 
+def guidelines_view(svc: Annotation, user: str | None) -> dict[str, Any]:
+    """The guidelines pane: open for someone who has not voted under this version yet."""
+    if svc.guideline_version is None:
+        return {"guidelines": gr.Accordion(visible=False)}
+    return {"guidelines": gr.Accordion(visible=True, open=user is None or svc.guidelines_unread(user))}
+
+
 def _blocked(message: str) -> dict[str, Any]:
     return {"prompt": message, "left": "", "right": "", "pair_id": None, **_buttons(False), "status": "",
             "own": gr.skip()}
@@ -118,11 +126,13 @@ def first_pair(svc: Annotation, access: Access, request: Any) -> Iterator[dict[s
     if not access.may_annotate(person):
         yield _blocked(NOT_LISTED.format(name=html.escape(person.name)))
         return
+    guide = guidelines_view(svc, person.key)
     pending = svc.resume(person.key)
     if pending is not None:
-        yield _shown(svc, pending, person.key)
+        yield {**_shown(svc, pending, person.key), **guide}
         return
-    yield from load_pair(svc, access, "", request)
+    for i, view in enumerate(load_pair(svc, access, "", request)):
+        yield {**view, **guide} if i == 0 else view
 
 
 def skip_pair(svc: Annotation, access: Access, pair_id: str | None, request: Any) -> Iterator[dict[str, Any]]:
@@ -130,21 +140,23 @@ def skip_pair(svc: Annotation, access: Access, pair_id: str | None, request: Any
     yield from load_pair(svc, access, "", request)
 
 
-async def vote(svc: Annotation, access: Access, choice: str, pair_id: str | None, request: Any) -> dict[str, Any]:
-    """Record the vote (off the event loop; no vote waits for a generation); the buttons go off."""
+async def vote(svc: Annotation, access: Access, choice: str, pair_id: str | None, reason: str | None,
+               request: Any) -> dict[str, Any]:
+    """Record the vote and its optional reason (off the event loop; no vote waits for a
+    generation); the buttons go off, the reason box is cleared, the guidelines fold away."""
     user = _user(access, request)
     if not pair_id:
         raise refused("wait for both answers to finish before voting")
 
     def record() -> str:
-        out = svc.vote(user, pair_id, choice)
+        out = svc.vote(user, pair_id, choice, reason)
         return f"Vote #{out['vote_id']} recorded. {_counts_md(svc, user)}"
 
     try:
         line = await svc.off_loop(record)
     except USER_ERRORS as e:
         raise refused(str(e)) from None
-    return {"pair_id": None, **_buttons(False), "status": line}
+    return {"pair_id": None, **_buttons(False), "status": line, "reason": "", **guidelines_view(svc, user)}
 
 
 def api_next_pair(svc: Annotation, access: Access, prompt: str, request: Any) -> dict[str, Any]:
@@ -155,10 +167,11 @@ def api_next_pair(svc: Annotation, access: Access, prompt: str, request: Any) ->
         raise refused(str(e)) from None
 
 
-async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, request: Any) -> dict[str, Any]:
+async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, reason: str | None,
+                   request: Any) -> dict[str, Any]:
     user = _user(access, request)
     try:
-        return await svc.off_loop(svc.vote, user, pair_id, choice)
+        return await svc.off_loop(svc.vote, user, pair_id, choice, reason)
     except USER_ERRORS as e:
         raise refused(str(e)) from None
 
@@ -168,7 +181,12 @@ async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, r
 
 def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
-    c: dict[str, Any] = {"pair_id": gr.State(None), "prompt": _html("prompt", "<p>Loading a prompt...</p>")}
+    c: dict[str, Any] = {"pair_id": gr.State(None)}
+    text = svc.config.guidelines
+    with gr.Accordion("Guidelines: what makes an answer better here", open=True, visible=bool(text.strip()),
+                      elem_id="guidelines") as c["guidelines"]:
+        _html("guidelines-text", f'<div class="pl-text">{render(text)}</div>' if text.strip() else "")
+    c["prompt"] = _html("prompt", "<p>Loading a prompt...</p>")
     with gr.Row(equal_height=True):
         with gr.Column(variant="panel"):
             gr.Markdown("#### A")
@@ -181,12 +199,14 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
             c[eid] = gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
                                variant="primary" if choice in ("left", "right") else "secondary")
         skip = gr.Button("Skip (S)", elem_id="skip", variant="secondary")
+    c["reason"] = gr.Textbox(label="Why? (optional: a few words kept with your vote)", lines=1,
+                             max_length=MAX_REASON_CHARS, elem_id="reason")
     c["status"] = gr.Markdown(elem_id="status")
     with gr.Accordion("Write your own prompt", open=False):
         c["own"] = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")
         own_btn = gr.Button("Get two answers", elem_id="own-prompt-go")
     pair_outputs = [c[k] for k in PAIR_VIEW]
-    vote_outputs = [c["pair_id"], *(c[eid] for _, _, eid, _ in VOTES), c["status"]]
+    vote_outputs = [c["pair_id"], *(c[eid] for _, _, eid, _ in VOTES), c["status"], c["reason"], c["guidelines"]]
 
     def keyed(view: dict[str, Any]) -> dict[Any, Any]:
         return {c[k]: v for k, v in view.items()}
@@ -204,15 +224,15 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
             yield keyed(view)
 
     def on_vote(choice: str):
-        async def handler(pid: str | None, request: gr.Request):
-            return keyed(await vote(svc, access, choice, pid, request))
+        async def handler(pid: str | None, reason: str | None, request: gr.Request):
+            return keyed(await vote(svc, access, choice, pid, reason, request))
         return handler
 
     no_own = gr.State("")
     for _, choice, eid, _ in VOTES:
         # Explicit ui_* names keep the public names /next_pair and /vote free for build_api.
         c[eid].click(
-            on_vote(choice), [c["pair_id"]], vote_outputs, trigger_mode="once",
+            on_vote(choice), [c["pair_id"], c["reason"]], vote_outputs, trigger_mode="once",
             api_name=f"ui_vote_{choice}", api_visibility="private", concurrency_limit=None,
         ).success(on_next, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private",
                   concurrency_limit=None)
@@ -221,20 +241,21 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
                trigger_mode="once", concurrency_limit=None)
     own_btn.click(on_next, [c["own"]], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
                   trigger_mode="once", concurrency_limit=None)
-    demo.load(on_load, None, pair_outputs, api_name="ui_first_pair", api_visibility="private",
+    demo.load(on_load, None, [*pair_outputs, c["guidelines"]], api_name="ui_first_pair", api_visibility="private",
               concurrency_limit=None)
 
 
 def build_api(svc: Annotation, access: Access) -> None:
     """`/next_pair` and `/vote` for scripts (gradio_client), with the same login and checks."""
 
-    def next_pair(prompt: str, request: gr.Request) -> dict:
-        """Sample a new pair for the logged-in annotator; pass a prompt, or "" for the queue's next."""
+    def next_pair(request: gr.Request, prompt: str = "") -> dict:
+        """Sample a new pair for the logged-in annotator: the queue's next prompt, or your own."""
         return api_next_pair(svc, access, prompt, request)
 
-    async def vote(pair_id: str, choice: str, request: gr.Request) -> dict:
-        """Record a vote on a pair issued to you: choice is left, right, tie or both_bad."""
-        return await api_vote(svc, access, pair_id, choice, request)
+    async def vote(pair_id: str, choice: Literal["left", "right", "tie", "both_bad"], request: gr.Request,
+                   reason: str = "") -> dict:
+        """Record a vote on a pair issued to you (left, right, tie or both_bad), with an optional reason."""
+        return await api_vote(svc, access, pair_id, choice, reason, request)
 
     gr.api(next_pair, api_name="next_pair", concurrency_limit=None)
     gr.api(vote, api_name="vote", concurrency_limit=None)
