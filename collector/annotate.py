@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from collector.prompts import PromptError, PromptQueue, check_prompt
 from collector.sampling import PairStream, SamplingParams
 from collector.serving import Serving
-from storage.errors import UserError
+from storage.errors import UserError, VoteRejected
 from storage.flags import setting
 from storage.votes import Choice, VoteStore
 
@@ -230,6 +230,17 @@ class Annotation:
         vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice), reason=reason,
                                          guideline=self.guideline_version)
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": Choice.parse(choice).value}
+
+    def reshow(self, annotator: str, pair_id: str | None) -> dict[str, Any]:
+        """A pair this annotator voted on, shown again so they can change their vote (until a
+        round takes it: ``VoteStore.record_vote`` says so)."""
+        pair = self.store.get_pair(pair_id) if pair_id else None
+        if pair is None or pair.annotator != annotator:
+            raise VoteRejected("there is no vote of yours to change here; vote on a pair first")
+        view = shown(pair.pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+                     pair.finish_reasons)
+        view["voted"] = self.store.current_choice(pair.pair_id)
+        return view
 
     def guidelines_unread(self, annotator: str) -> bool:
         """Whether to open the guidelines for this person: there are some they have not voted under."""

@@ -200,9 +200,41 @@ def m0008_guidelines_and_reasons(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0009_votes_can_be_superseded(conn: sqlite3.Connection) -> None:
+    # An annotator may change a vote until a round has snapshotted it: the new vote is a new row
+    # (a new id, so the next round sees it), and the old one stays, marked with the id that
+    # superseded it. One current vote per pair (a partial unique index) instead of UNIQUE(pair_id);
+    # SQLite changes a constraint by rebuilding the table (migrate() turns foreign keys off around
+    # it and checks them before the commit).
+    _run(
+        conn,
+        """
+        CREATE TABLE votes_new (
+            id INTEGER PRIMARY KEY,
+            pair_id TEXT NOT NULL REFERENCES pairs(id),
+            annotator TEXT NOT NULL,
+            choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'both_bad')),
+            latency_ms INTEGER,
+            created_at REAL NOT NULL,
+            reason TEXT,
+            guideline TEXT,
+            superseded_by INTEGER
+        );
+        INSERT INTO votes_new(id, pair_id, annotator, choice, latency_ms, created_at, reason, guideline)
+            SELECT id, pair_id, annotator, choice, latency_ms, created_at, reason, guideline FROM votes;
+        DROP TABLE votes;
+        ALTER TABLE votes_new RENAME TO votes;
+        CREATE UNIQUE INDEX votes_current_per_pair ON votes(pair_id) WHERE superseded_by IS NULL;
+        CREATE INDEX votes_pair ON votes(pair_id);
+        CREATE INDEX votes_annotator ON votes(annotator, created_at);
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
     m0006_people_private_prompts_round_votes, m0007_published_rounds, m0008_guidelines_and_reasons,
+    m0009_votes_can_be_superseded,
 ]
 
 
@@ -249,7 +281,9 @@ def connect(path: Path | str) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Run the migrations not yet applied; returns the schema version."""
+    """Run the migrations not yet applied; returns the schema version. Foreign keys are off while
+    they run (SQLite's way to rebuild a table) and checked in full before the commit."""
+    conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before BEGIN
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -258,12 +292,20 @@ def migrate(conn: sqlite3.Connection) -> int:
                 f"database schema version {version} is newer than this PrefLoop knows "
                 f"({len(MIGRATIONS)}); upgrade PrefLoop"
             )
-        for n, fn in enumerate(MIGRATIONS[version:], start=version + 1):
+        pending = MIGRATIONS[version:]
+        before = len(conn.execute("PRAGMA foreign_key_check").fetchall()) if pending and version else 0
+        for n, fn in enumerate(pending, start=version + 1):
             logger.info("migration %04d %s", n, fn.__name__)
             fn(conn)
             conn.execute(f"PRAGMA user_version={n}")
+        broken = conn.execute("PRAGMA foreign_key_check").fetchall() if pending else []
+        if len(broken) > before:
+            raise StorageError(f"a migration left {len(broken) - before} rows pointing at nothing (e.g. "
+                               f"{tuple(broken[-1])}); the database is unchanged")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
     return len(MIGRATIONS)

@@ -143,8 +143,9 @@ What annotators were told "better" means is in `guidelines/<version>.md`, one fi
 ## Files
 
 Files are immutable parquet segments named `<boot id>-<sequence>.parquet`; each app start writes its
-own, so several replicas never collide. Deduplicate on `pair_id` when reading (`vote_id` is
-unique only within one replica).
+own, so several replicas never collide. Deduplicate on `pair_id` when reading, keeping the newest
+vote (an annotator may change a vote until a round takes it: the change is a new row; `vote_id`
+is unique only within one replica).
 {counts}"""
 
 

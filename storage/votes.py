@@ -222,7 +222,7 @@ class VoteStore:
                           SUM(CASE WHEN v.choice = 'both_bad' THEN 1 ELSE 0 END) AS both_bad
                    FROM prompts p
                    LEFT JOIN pairs pr ON pr.prompt_id = p.id
-                   LEFT JOIN votes v ON v.pair_id = pr.id
+                   LEFT JOIN votes v ON v.pair_id = pr.id AND v.superseded_by IS NULL
                    WHERE p.owner IS NULL
                    GROUP BY p.id ORDER BY p.id"""
             ).fetchall()
@@ -311,7 +311,7 @@ class VoteStore:
         """A random voted pair (not itself a repeat) that ``annotator`` has not been shown again yet."""
         with self._conn() as conn:
             row = conn.execute(
-                """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id
+                """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id AND v.superseded_by IS NULL
                    LEFT JOIN prompts pr ON pr.id = p.prompt_id
                    WHERE p.repeat_of IS NULL
                      AND (pr.owner IS NULL OR pr.owner = ?)
@@ -376,25 +376,32 @@ class VoteStore:
         if reason is not None and len(reason) > MAX_REASON_CHARS:
             raise VoteRejected(f"the reason is {len(reason)} characters; keep it under {MAX_REASON_CHARS}")
 
-        def write(conn: sqlite3.Connection) -> tuple[int, bool]:
+        def write(conn: sqlite3.Connection) -> tuple[int, bool]:  # inside the batch's transaction
             pair = conn.execute("SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)).fetchone()
             if pair is None:
                 raise VoteRejected(f"unknown pair {pair_id!r}; ask for a new pair with /next_pair")
             if pair["annotator"] != annotator:
                 raise VoteRejected(f"pair {pair_id!r} was issued to another annotator; ask for your own")
-            existing = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)).fetchone()
+            existing = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ? AND superseded_by IS NULL",
+                                    (pair_id,)).fetchone()
             if existing is not None:
-                if existing["choice"] != choice.value:
-                    raise VoteRejected(
-                        f"pair {pair_id!r} already has the vote {existing['choice']!r}; one pair takes one vote"
-                    )
-                return existing["id"], False
+                if existing["choice"] == choice.value:
+                    return existing["id"], False  # a replay: the same vote
+                taken = conn.execute("SELECT id FROM rounds WHERE watermark >= ? ORDER BY id LIMIT 1",
+                                     (existing["id"],)).fetchone()
+                if taken is not None:
+                    raise VoteRejected(f"your vote on pair {pair_id!r} ({existing['choice']}) was taken by round "
+                                       f"{taken['id']} already; it can no longer change")
+                # The old vote steps aside (kept, marked by the new id below); the new one counts.
+                conn.execute("UPDATE votes SET superseded_by = 0 WHERE id = ?", (existing["id"],))
             now = time.time()
             cur = conn.execute(
                 "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at, reason, guideline) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now, reason, guideline),
             )
+            if existing is not None:
+                conn.execute("UPDATE votes SET superseded_by = ? WHERE id = ?", (cur.lastrowid, existing["id"]))
             if guideline is not None:
                 conn.execute("INSERT OR IGNORE INTO guideline_reads(annotator, version, read_at) VALUES (?, ?, ?)",
                              (annotator, guideline, now))
@@ -420,7 +427,7 @@ class VoteStore:
         with self._conn() as conn:
             return [dict(r) for r in conn.execute(
                 "SELECT g.version, g.text, g.created_at, "
-                "(SELECT COUNT(*) FROM votes v WHERE v.guideline = g.version) AS votes "
+                "(SELECT COUNT(*) FROM votes v WHERE v.guideline = g.version AND v.superseded_by IS NULL) AS votes "
                 "FROM guidelines g ORDER BY g.created_at, g.version")]
 
     def has_read_guidelines(self, annotator: str, version: str) -> bool:
@@ -428,6 +435,19 @@ class VoteStore:
         with self._conn() as conn:
             return conn.execute("SELECT 1 FROM guideline_reads WHERE annotator = ? AND version = ?",
                                 (annotator, version)).fetchone() is not None
+
+    def current_choice(self, pair_id: str) -> str | None:
+        """The choice of the pair's current vote (None: not voted)."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT choice FROM votes WHERE pair_id = ? AND superseded_by IS NULL",
+                               (pair_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def vote_history(self, pair_id: str) -> list[tuple[int, str, int | None]]:
+        """Every vote cast on a pair, oldest first: (vote id, choice, the id that superseded it)."""
+        with self._conn() as conn:
+            return [tuple(r) for r in conn.execute(
+                "SELECT id, choice, superseded_by FROM votes WHERE pair_id = ? ORDER BY id", (pair_id,))]
 
     def vote_notes(self, vote_id: int) -> tuple[str | None, str | None]:
         """(reason, guideline version) of a vote."""
@@ -441,30 +461,36 @@ class VoteStore:
         extra = USABLE_SQL if usable_only else ""
         with self._conn() as conn:
             return conn.execute(
-                f"SELECT COUNT(*) FROM votes v JOIN pairs p ON p.id = v.pair_id WHERE v.id > ?{extra}", (since,)
+                f"SELECT COUNT(*) FROM votes v JOIN pairs p ON p.id = v.pair_id "
+                f"WHERE v.id > ? AND v.superseded_by IS NULL{extra}", (since,)
             ).fetchone()[0]
 
     def counts_by_choice(self) -> dict[str, int]:
         with self._conn() as conn:
-            return {r[0]: r[1] for r in conn.execute("SELECT choice, COUNT(*) FROM votes GROUP BY choice")}
+            return {r[0]: r[1] for r in conn.execute(
+                "SELECT choice, COUNT(*) FROM votes WHERE superseded_by IS NULL GROUP BY choice")}
 
     def vote_times(self) -> list[tuple[float, str]]:
         """(time, choice) of every vote, oldest first: the admin's votes-over-time plot."""
         with self._conn() as conn:
-            return [(r[0], r[1]) for r in conn.execute("SELECT created_at, choice FROM votes ORDER BY id")]
+            return [(r[0], r[1]) for r in conn.execute(
+                "SELECT created_at, choice FROM votes WHERE superseded_by IS NULL ORDER BY id")]
 
     def count_votes_by(self, annotator: str, since_ts: float = 0.0) -> int:
         with self._conn() as conn:
             return conn.execute(
-                "SELECT COUNT(*) FROM votes WHERE annotator = ? AND created_at >= ?", (annotator, since_ts)
+                "SELECT COUNT(*) FROM votes WHERE annotator = ? AND created_at >= ? AND superseded_by IS NULL",
+                (annotator, since_ts)
             ).fetchone()[0]
 
     def max_vote_id(self) -> int:
         with self._conn() as conn:
             return conn.execute("SELECT COALESCE(MAX(id), 0) FROM votes").fetchone()[0]
 
-    def votes_with_pairs(self, after: int = 0, upto: int | None = None) -> list[dict[str, Any]]:
-        """Votes joined with their pairs, oldest first, for ``after < vote id <= upto``."""
+    def votes_with_pairs(self, after: int = 0, upto: int | None = None,
+                         superseded: bool = False) -> list[dict[str, Any]]:
+        """Votes joined with their pairs, oldest first, for ``after < vote id <= upto``: the current
+        vote of each pair (an annotator's latest), and with ``superseded`` also the ones it replaced."""
         upto = self.max_vote_id() if upto is None else upto
         with self._conn() as conn:
             rows = conn.execute(
@@ -472,11 +498,11 @@ class VoteStore:
                           v.created_at, p.messages, p.answer_left, p.answer_right,
                           p.model_left, p.model_right, p.seed, p.params, p.repeat_of, p.repeat_swapped,
                           p.finish_left, p.finish_right,
-                          x.annotator IS NOT NULL AS excluded
+                          x.annotator IS NOT NULL AS excluded, v.superseded_by, v.reason, v.guideline
                    FROM votes v JOIN pairs p ON p.id = v.pair_id
                    LEFT JOIN excluded_annotators x ON x.annotator = v.annotator
-                   WHERE v.id > ? AND v.id <= ? ORDER BY v.id""",
-                (after, upto),
+                   WHERE v.id > ? AND v.id <= ? AND (? OR v.superseded_by IS NULL) ORDER BY v.id""",
+                (after, upto, int(superseded)),
             ).fetchall()
         out = []
         for r in rows:

@@ -56,9 +56,67 @@ def test_vote_refusals_name_the_reason(tmp_path):
     with pytest.raises(VoteRejected, match="invalid choice 'maybe'"):
         store.record_vote(pid, "alice", "maybe")
     store.record_vote(pid, "alice", "tie")
-    with pytest.raises(VoteRejected, match="one pair takes one vote"):
-        store.record_vote(pid, "alice", "right")
     assert store.count_votes() == 1
+
+
+def test_a_changed_vote_supersedes_the_old_one_which_is_kept(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    pid = _pair(store)
+    first = store.record_vote(pid, "alice", "tie")
+    second = store.record_vote(pid, "alice", "right")
+    assert second > first  # a new vote: the next round sees it as new
+    assert store.record_vote(pid, "alice", "right") == second  # the same choice again: the same vote
+    assert store.vote_history(pid) == [(first, "tie", second), (second, "right", None)]
+    assert store.count_votes() == 1 and store.counts_by_choice() == {"right": 1}  # the latest counts
+    assert [v["choice"] for v in store.votes_with_pairs()] == ["right"]
+    assert [v["vote_id"] for v in store.votes_with_pairs(superseded=True)] == [first, second]
+    third = store.record_vote(pid, "alice", "tie")  # and back: a third row
+    assert store.current_choice(pid) == "tie" and len(store.vote_history(pid)) == 3 and third > second
+
+
+def test_a_vote_a_round_has_taken_can_no_longer_change(tmp_path):
+    from storage.rounds import RoundLog
+
+    store = VoteStore(tmp_path / "votes.db")
+    pid, later = _pair(store), _pair(store)
+    vote = store.record_vote(pid, "alice", "left")
+    RoundLog(store).start(watermark=store.max_vote_id(), pid=0)  # a round snapshots votes up to here
+    with pytest.raises(VoteRejected, match="taken by round 1 already"):
+        store.record_vote(pid, "alice", "right")
+    assert store.vote_history(pid) == [(vote, "left", None)]
+    newer = store.record_vote(later, "alice", "left")  # cast after the snapshot: still free to change
+    assert store.record_vote(later, "alice", "tie") > newer
+
+
+def test_the_migration_keeps_every_vote_and_one_current_vote_per_pair(tmp_path):
+    from storage.db import MIGRATIONS
+
+    old = connect(tmp_path / "votes.db")  # a vote log as the previous schema left it
+    old.execute("BEGIN")
+    for n, fn in enumerate(MIGRATIONS[:8], start=1):
+        fn(old)
+        old.execute(f"PRAGMA user_version={n}")
+    old.execute("INSERT INTO pairs(id, annotator, messages, answer_left, answer_right, model_left, model_right, "
+                "seed, params, timings, created_at) VALUES ('p1', 'alice', '[]', 'a', 'b', 'base', 'base', 1, "
+                "'{}', '{}', 0)")
+    old.execute("INSERT INTO votes(pair_id, annotator, choice, created_at, reason) VALUES ('p1', 'alice', 'left', 0, "
+                "'why')")
+    old.execute("INSERT INTO rounds(status, watermark, started_at) VALUES ('promoted', 1, 0)")
+    old.execute("INSERT INTO round_votes(round_id, vote_id) VALUES (1, 1)")
+    old.execute("COMMIT")
+    old.close()
+    store = VoteStore(tmp_path / "votes.db")  # migrates
+    assert store.vote_history("p1") == [(1, "left", None)] and store.vote_notes(1) == ("why", None)
+    assert store.count_votes() == 1
+    with pytest.raises(VoteRejected, match="taken by round 1"):
+        store.record_vote("p1", "alice", "right")
+    pid = _pair(store)
+    store.record_vote(pid, "alice", "left")
+    conn = connect(tmp_path / "votes.db")
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    with pytest.raises(sqlite3.IntegrityError):  # the schema itself allows one current vote per pair
+        conn.execute("INSERT INTO votes(pair_id, annotator, choice, created_at) VALUES (?, 'alice', 'tie', 0)",
+                     (pid,))
 
 
 def test_schema_refuses_an_invalid_choice_even_without_the_api(tmp_path):

@@ -68,3 +68,16 @@ def test_someone_not_listed_gets_the_notice_and_no_pair(tmp_path):
     views = list(annotate.first_pair(svc, access, req))
     assert len(views) == 1 and views[0]["pair_id"] is None
     assert "not among this app's annotators" in views[0]["prompt"] and "mallory&lt;b&gt;" in views[0]["prompt"]
+
+
+def test_change_my_last_vote_shows_the_pair_again_and_a_new_choice_replaces_the_vote(ui):
+    svc, access, store, pid = ui
+    voted = asyncio.run(annotate.vote(svc, access, "left", pid, "", _request("bob")))
+    assert voted["last"] == pid
+    view = annotate.change_vote(svc, access, voted["last"], _request("bob"))
+    assert view["pair_id"] == pid and "You said **A is better**" in view["status"]
+    assert all(view[eid].interactive for eid in ("vote-a", "vote-b", "vote-tie", "vote-bad"))
+    asyncio.run(annotate.vote(svc, access, "right", pid, "second thoughts", _request("bob")))
+    assert store.current_choice(pid) == "right" and [c for _, c, _ in store.vote_history(pid)] == ["left", "right"]
+    with pytest.raises(gr.Error, match="no vote of yours"):
+        annotate.change_vote(svc, access, pid, _request("carol"))  # not carol's pair

@@ -28,7 +28,7 @@ document.addEventListener('keydown', (e) => {
   const typing = t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName));
   if (e.ctrlKey || e.metaKey || e.altKey || typing) return;
   const map = {a: 'vote-a', '1': 'vote-a', b: 'vote-b', '2': 'vote-b', t: 'vote-tie', '3': 'vote-tie',
-               x: 'vote-bad', '4': 'vote-bad', s: 'skip'};
+               x: 'vote-bad', '4': 'vote-bad', s: 'skip', u: 'change-vote'};
   const id = map[e.key.toLowerCase()];
   const btn = id && document.getElementById(id);
   if (btn && !btn.disabled) { e.preventDefault(); btn.click(); }
@@ -156,7 +156,23 @@ async def vote(svc: Annotation, access: Access, choice: str, pair_id: str | None
         line = await svc.off_loop(record)
     except USER_ERRORS as e:
         raise refused(str(e)) from None
-    return {"pair_id": None, **_buttons(False), "status": line, "reason": "", **guidelines_view(svc, user)}
+    return {"pair_id": None, **_buttons(False), "status": line, "reason": "", "last": pair_id,
+            **guidelines_view(svc, user)}
+
+
+CHOICE_NAMES = {"left": "A is better", "right": "B is better", "tie": "a tie", "both_bad": "both are bad"}
+
+
+def change_vote(svc: Annotation, access: Access, last: str | None, request: Any) -> dict[str, Any]:
+    """The pair voted last, shown again with the buttons on: a different choice replaces the vote
+    (the old one is kept, marked), the same one leaves it as it was."""
+    user = _user(access, request)
+    try:
+        view = svc.reshow(user, last)
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+    said = CHOICE_NAMES.get(view.pop("voted") or "", "nothing")
+    return {**_shown(svc, view, user), "status": f"You said **{said}** on this pair. Pick again to change it."}
 
 
 def api_next_pair(svc: Annotation, access: Access, prompt: str, request: Any) -> dict[str, Any]:
@@ -181,7 +197,7 @@ async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, r
 
 def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     """The Annotate tab's components and events, inside the current Blocks context."""
-    c: dict[str, Any] = {"pair_id": gr.State(None)}
+    c: dict[str, Any] = {"pair_id": gr.State(None), "last": gr.State(None)}
     text = svc.config.guidelines
     with gr.Accordion("Guidelines: what makes an answer better here", open=True, visible=bool(text.strip()),
                       elem_id="guidelines") as c["guidelines"]:
@@ -199,6 +215,7 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
             c[eid] = gr.Button(f"{label} ({keys})", elem_id=eid, interactive=False,
                                variant="primary" if choice in ("left", "right") else "secondary")
         skip = gr.Button("Skip (S)", elem_id="skip", variant="secondary")
+        change = gr.Button("Change my last vote (U)", elem_id="change-vote", variant="secondary")
     c["reason"] = gr.Textbox(label="Why? (optional: a few words kept with your vote)", lines=1,
                              max_length=MAX_REASON_CHARS, elem_id="reason")
     c["status"] = gr.Markdown(elem_id="status")
@@ -206,7 +223,8 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
         c["own"] = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")
         own_btn = gr.Button("Get two answers", elem_id="own-prompt-go")
     pair_outputs = [c[k] for k in PAIR_VIEW]
-    vote_outputs = [c["pair_id"], *(c[eid] for _, _, eid, _ in VOTES), c["status"], c["reason"], c["guidelines"]]
+    vote_outputs = [c["pair_id"], *(c[eid] for _, _, eid, _ in VOTES), c["status"], c["reason"], c["guidelines"],
+                    c["last"]]
 
     def keyed(view: dict[str, Any]) -> dict[Any, Any]:
         return {c[k]: v for k, v in view.items()}
@@ -239,6 +257,11 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     # Generation events have no per-event limit: the service's GenerationGate bounds them all together.
     skip.click(on_skip, [c["pair_id"]], pair_outputs, api_name="ui_skip", api_visibility="private",
                trigger_mode="once", concurrency_limit=None)
+    def on_change(last: str | None, request: gr.Request):
+        return keyed(change_vote(svc, access, last, request))
+
+    change.click(on_change, [c["last"]], pair_outputs, api_name="ui_change_vote", api_visibility="private",
+                 trigger_mode="once")
     own_btn.click(on_next, [c["own"]], pair_outputs, api_name="ui_own_prompt", api_visibility="private",
                   trigger_mode="once", concurrency_limit=None)
     demo.load(on_load, None, [*pair_outputs, c["guidelines"]], api_name="ui_first_pair", api_visibility="private",
