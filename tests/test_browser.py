@@ -69,6 +69,18 @@ def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
     # An answer that stopped at the token limit says so under it (48 tokens here: most do); a
     # finished one does not.
     assert ["cut at the length limit" in shown for shown in first] == [f == "length" for f in cfinish]
+    # Second thoughts: U shows the pair voted last again; another key replaces that vote.
+    page.keyboard.press("u")
+    page.wait_for_selector("#status:has-text('You said')", timeout=60_000)
+    assert shown_pair(page) == second
+    page.keyboard.press("t")
+    page.wait_for_function(
+        "document.querySelector('#status').innerText.match(/Vote #\\d+ recorded/g)", timeout=60_000)
+    with sqlite3.connect(app.data_dir / "votes.db") as conn:
+        history = conn.execute(
+            "SELECT v.choice, v.superseded_by IS NULL FROM votes v JOIN pairs p ON p.id = v.pair_id "
+            "WHERE p.answer_left = ? AND v.annotator = 'alice' ORDER BY v.id", (kleft,)).fetchall()
+    assert history == [("right", 0), ("tie", 1)]  # both kept; the tie counts
     page.close()
 
 
