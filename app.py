@@ -294,7 +294,7 @@ def build(args: argparse.Namespace) -> App:
         slots = args.max_concurrent_pairs or (64 if total_gib is not None else 8) * len(engine.endpoints)
         svc = Annotation(store, queue, serving, from_flags(
             AnnotateConfig, args, sampling=from_flags(SamplingParams, args), max_concurrent_pairs=slots,
-            guidelines=guidelines))
+            guidelines=guidelines), votes_to_next_round=scheduler.votes_to_next_round)
 
         # delete_cache: files handed to browsers (dataset exports) leave Gradio's cache after an hour.
         with gr.Blocks(title="PrefLoop", delete_cache=(3600, 3600)) as demo:

@@ -134,11 +134,13 @@ def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: t
 
 
 class Annotation:
-    def __init__(self, store: VoteStore, queue: PromptQueue, serving: Serving, config: AnnotateConfig):
+    def __init__(self, store: VoteStore, queue: PromptQueue, serving: Serving, config: AnnotateConfig,
+                 votes_to_next_round: Callable[[], int | None] = lambda: None):
         self.store = store
         self.queue = queue
         self.serving = serving
         self.config = config
+        self.votes_to_next_round = votes_to_next_round  # the schedule's, for an annotator's progress
         self.limiter = RateLimiter(config.pairs_per_minute)
         # The guidelines in force: stored by version, which each vote then carries.
         self.guideline_version = store.add_guidelines(config.guidelines) if config.guidelines.strip() else None
@@ -252,10 +254,14 @@ class Annotation:
         for a thread that a generation holds, however many people ask for pairs."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def counts(self, annotator: str) -> dict[str, int]:
+    def counts(self, annotator: str) -> dict[str, Any]:
+        """An annotator's progress: votes today and in all, everyone's, agreement with others on
+        pairs shown again (agreed, compared), and usable votes until the next round (None: off)."""
         midnight = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
         return {
             "today": self.store.count_votes_by(annotator, midnight),
             "mine": self.store.count_votes_by(annotator),
             "total": self.store.count_votes(),
+            "agreement": self.store.agreement_of(annotator),
+            "to_next_round": self.votes_to_next_round(),
         }

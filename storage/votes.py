@@ -436,6 +436,21 @@ class VoteStore:
             return conn.execute("SELECT 1 FROM guideline_reads WHERE annotator = ? AND version = ?",
                                 (annotator, version)).fetchone() is not None
 
+    def agreement_of(self, annotator: str) -> tuple[int, int]:
+        """(agreed, compared): this person's current votes against another person's on the same pair
+        shown again (as the original's voter or the repeat's), sides mapped back when swapped."""
+        swapped = {"left": "right", "right": "left"}
+        with self._conn() as conn:
+            rows = conn.execute(
+                """SELECT o.choice, r.choice, rp.repeat_swapped
+                   FROM pairs rp
+                   JOIN votes r ON r.pair_id = rp.id AND r.superseded_by IS NULL
+                   JOIN votes o ON o.pair_id = rp.repeat_of AND o.superseded_by IS NULL
+                   WHERE (o.annotator = ? OR r.annotator = ?) AND o.annotator != r.annotator""",
+                (annotator, annotator)).fetchall()
+        agreed = sum(1 for orig, rep, sw in rows if (swapped.get(rep, rep) if sw else rep) == orig)
+        return agreed, len(rows)
+
     def current_choice(self, pair_id: str) -> str | None:
         """The choice of the pair's current vote (None: not voted)."""
         with self._conn() as conn:

@@ -25,11 +25,11 @@ def _finished_round(store: VoteStore, status: str, watermark: int) -> None:
 def test_a_round_is_due_after_enough_new_usable_votes(tmp_path):
     store, sched = _scheduler(tmp_path, min_new_votes=8)
     _seed_votes(store, 7)
-    assert sched.due() is None
+    assert sched.due() is None and sched.votes_to_next_round() == 1
     _seed_votes(store, 1)
-    assert "8 new votes" in sched.due()
+    assert "8 new votes" in sched.due() and sched.votes_to_next_round() == 0
     sched.paused = True
-    assert sched.due() is None and sched.next_trigger() == "paused"
+    assert sched.due() is None and sched.next_trigger() == "paused" and sched.votes_to_next_round() is None
 
 
 def test_a_rejected_round_does_not_trigger_again_on_the_same_votes(tmp_path):

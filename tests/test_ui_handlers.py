@@ -81,3 +81,25 @@ def test_change_my_last_vote_shows_the_pair_again_and_a_new_choice_replaces_the_
     assert store.current_choice(pid) == "right" and [c for _, c, _ in store.vote_history(pid)] == ["left", "right"]
     with pytest.raises(gr.Error, match="no vote of yours"):
         annotate.change_vote(svc, access, pid, _request("carol"))  # not carol's pair
+
+
+def test_an_annotator_sees_their_agreement_with_others_and_the_votes_until_the_next_round(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    left_to_go = [5]
+    svc = Annotation(store, PromptQueue(store), serving=None, config=AnnotateConfig(),
+                     votes_to_next_round=lambda: left_to_go[0])
+    msgs = [{"role": "user", "content": "Say hi."}]
+    originals = [store.issue_pair(annotator="alice", prompt_id=store.prompt_id(f"Say hi {i}."), messages=msgs,
+                                  answer_left="Hi!", answer_right="Hello.", model_left="base", model_right="base",
+                                  seed=i, params={}, timings={}) for i in range(2)]
+    for pid in originals:
+        store.record_vote(pid, "alice", "left")
+    same = store.issue_repeat(originals[0], "bob", swap=True)  # bob sees the sides swapped
+    store.record_vote(same, "bob", "right")  # ... and agrees with alice
+    other = store.issue_repeat(originals[1], "bob", swap=False)
+    store.record_vote(other, "bob", "tie")  # ... and does not
+    line = annotate._counts_md(svc, "bob")
+    assert "you agree with others on **1 of 2** pairs" in line and "next round in **5** votes" in line
+    assert "agree" in annotate._counts_md(svc, "alice")
+    left_to_go[0] = None  # rounds do not start on votes: nothing said
+    assert "next round" not in annotate._counts_md(svc, "bob")

@@ -80,6 +80,13 @@ class Scheduler:
                 return f"{self.config.every_minutes:g} minutes since the last round"
         return None
 
+    def votes_to_next_round(self) -> int | None:
+        """Usable votes still needed before a round starts by itself; None when votes do not start
+        rounds (off or paused) and 0 while one is due or running."""
+        if self.paused or not self.config.min_new_votes:
+            return None
+        return 0 if self.running else max(0, self.config.min_new_votes - self.usable_new_votes())
+
     def next_trigger(self) -> str:
         if self.paused:
             return "paused"

@@ -48,7 +48,14 @@ def _user(access: Access, request: gr.Request) -> str:
 
 def _counts_md(svc: Annotation, user: str) -> str:
     c = svc.counts(user)
-    return f"Your votes today: **{c['today']}** · all time: **{c['mine']}** · everyone: **{c['total']}**"
+    line = f"Your votes today: **{c['today']}** · all time: **{c['mine']}** · everyone: **{c['total']}**"
+    agreed, compared = c["agreement"]
+    if compared:
+        line += f" · you agree with others on **{agreed} of {compared}** pairs shown twice"
+    if c["to_next_round"] is not None:
+        line += (" · next round: **starting**" if c["to_next_round"] == 0
+                 else f" · next round in **{c['to_next_round']}** votes")
+    return line
 
 
 NOT_LISTED = ("<p><strong>You are signed in as {name}, who is not among this app's annotators.</strong> "
