@@ -112,8 +112,9 @@ def _db(app, query: str, args: tuple = ()) -> list[tuple]:
 
 
 def _serving(app) -> str:
-    rows = _db(app, "SELECT value FROM settings WHERE key = 'serving_adapter'")
-    return rows[0][0] if rows else "base"
+    from storage.serving import ServingLog
+
+    return ServingLog(VoteStore(app.data_dir / "votes.db")).current()
 
 
 def _by(app, admin_fns, user: str, event: str, *inputs) -> dict:
