@@ -45,7 +45,7 @@ def main() -> None:
             k += 1
             try:
                 sample_pair(engine, [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}],
-                            SamplingParams(max_tokens=96), seed=k)
+                            SamplingParams(max_tokens=96), seed=k, model=serving.current)
                 results["ok"] += 1
             except Exception as e:
                 results["failed"] += 1

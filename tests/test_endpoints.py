@@ -44,6 +44,6 @@ def test_two_endpoints_share_requests_take_adapters_and_survive_one_down(two_ser
     assert set(used) == {a.url, b.url}  # round robin over both
 
     b.stop()
-    pairs = [sample_pair(engine, MSGS, SamplingParams(max_tokens=16), seed=i) for i in range(4)]
+    pairs = [sample_pair(engine, MSGS, SamplingParams(max_tokens=16), seed=i, model=serving.current) for i in range(4)]
     assert all(p.models == ("round-0001", "round-0001") and p.answers[0] for p in pairs)
     assert [ep.healthy for ep in engine.endpoints] == [True, False]

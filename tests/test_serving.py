@@ -116,7 +116,8 @@ def test_swap_with_eight_streams_in_flight_fails_none(serving, engine):
 
     def annotator(i: int) -> None:
         try:
-            results.append(sample_pair(engine, MSGS, SamplingParams(max_tokens=96), seed=100 + i))
+            results.append(sample_pair(engine, MSGS, SamplingParams(max_tokens=96), seed=100 + i,
+                                       model=serving.current))
         except Exception as e:
             errors.append(e)
 
@@ -129,7 +130,7 @@ def test_swap_with_eight_streams_in_flight_fails_none(serving, engine):
     assert engine.inflight("round-0001") == 8, errors
     old_name = engine.vllm_name("round-0001")  # round-0001@digest (other tests' apps may have theirs)
     serving.swap("round-0002")
-    after = sample_pair(engine, MSGS, SamplingParams(max_tokens=16), seed=1)
+    after = sample_pair(engine, MSGS, SamplingParams(max_tokens=16), seed=1, model=serving.current)
     for t in threads:
         t.join()
     assert errors == []
