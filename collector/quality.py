@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from storage.votes import SWAPPED
+
 Outcome = tuple[str, str, float]  # (model a, model b, score of a: 1 win, 0.5 tie, 0 loss)
 
 
@@ -110,7 +112,6 @@ class AnnotatorQuality:
         return self.left_p_value < 0.01
 
 
-SWAPPED = {"left": "right", "right": "left", "tie": "tie", "both_bad": "both_bad"}
 CATEGORIES = ("left", "right", "tie", "both_bad")
 
 

@@ -147,10 +147,9 @@ class HubSync:
                 rel = f.relative_to(self.staged).as_posix()
                 if rel not in remote:
                     ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)))
-            for path in write_guidelines(self.staged.parent / "card", self.store.guidelines()):
-                rel = f"guidelines/{path.name}"  # one file per version: added once, never changed
-                if rel not in remote:
-                    ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+            new = [g for g in self.store.guidelines() if f"guidelines/{g['version']}.md" not in remote]
+            for path in write_guidelines(self.staged.parent / "card", new):  # a version is added once, never changed
+                ops.append(CommitOperationAdd(path_in_repo=f"guidelines/{path.name}", path_or_fileobj=str(path)))
             if "README.md" not in remote:
                 card = write_card(self.staged.parent / "card", f"PrefLoop votes: {self.repo_id}")
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card)))

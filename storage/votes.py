@@ -26,6 +26,9 @@ from storage.errors import StorageError, VoteRejected
 
 logger = logging.getLogger(__name__)
 
+# A choice seen with the sides swapped, mapped back to the original's sides.
+SWAPPED = {"left": "right", "right": "left", "tie": "tie", "both_bad": "both_bad"}
+
 MAX_REASON_CHARS = 1000  # a short reason with a vote, not an essay
 
 
@@ -439,7 +442,6 @@ class VoteStore:
     def agreement_of(self, annotator: str) -> tuple[int, int]:
         """(agreed, compared): this person's current votes against another person's on the same pair
         shown again (as the original's voter or the repeat's), sides mapped back when swapped."""
-        swapped = {"left": "right", "right": "left"}
         with self._conn() as conn:
             rows = conn.execute(
                 """SELECT o.choice, r.choice, rp.repeat_swapped
@@ -448,7 +450,7 @@ class VoteStore:
                    JOIN votes o ON o.pair_id = rp.repeat_of AND o.superseded_by IS NULL
                    WHERE (o.annotator = ? OR r.annotator = ?) AND o.annotator != r.annotator""",
                 (annotator, annotator)).fetchall()
-        agreed = sum(1 for orig, rep, sw in rows if (swapped.get(rep, rep) if sw else rep) == orig)
+        agreed = sum(1 for orig, rep, sw in rows if (SWAPPED[rep] if sw else rep) == orig)
         return agreed, len(rows)
 
     def current_choice(self, pair_id: str) -> str | None:
