@@ -15,10 +15,11 @@ from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, Rounds
 
 
-def test_a_round_under_a_launcher_trains_data_parallel_and_promotes(tmp_path, smollm2_dir):
+def test_a_round_under_a_launcher_trains_data_parallel_and_promotes(tmp_path, tiny_mistral_dir):
+    """On the tiny Mistral: the launcher, the gloo group and rank 0's promotion are what is checked."""
     store = VoteStore(tmp_path / "votes.db")
     _seed_votes(store, 8)
-    rounds = Rounds(store, tmp_path, str(smollm2_dir))
+    rounds = Rounds(store, tmp_path, str(tiny_mistral_dir))
     train = TrainConfig(epochs=1, max_length=64, learning_rate=5e-4, batch_size=2)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     progress = []

@@ -247,13 +247,13 @@ def provider():
     server.shutdown()
 
 
-def _space(engine, smollm2_dir, folder: Path, provider: str, args: list[str]) -> RunningApp:
+def _space(engine, model_dir, folder: Path, provider: str, args: list[str]) -> RunningApp:
     """The app with the environment a Space with `hf_oauth: true` gets."""
     env = {"SYSTEM": "spaces", "SPACE_ID": "me/prefloop", "SPACE_AUTHOR_NAME": "me",
            "SPACE_HOST": "me-prefloop.hf.space",
            "OAUTH_CLIENT_ID": "prefloop-client", "OAUTH_CLIENT_SECRET": SECRET, "OAUTH_SCOPES": "openid profile",
            "OPENID_PROVIDER_URL": provider}
-    return RunningApp(folder, engine, smollm2_dir, ["--round-every-votes", "0", "--admins", "me", *args], env=env)
+    return RunningApp(folder, engine, model_dir, ["--round-every-votes", "0", "--admins", "me", *args], env=env)
 
 
 @pytest.fixture(scope="module")
@@ -363,8 +363,10 @@ def test_a_rename_keeps_a_persons_votes_together_and_does_not_pass_on_an_admin_n
 
 
 @pytest.fixture(scope="module")
-def open_app(engine, smollm2_dir, tmp_path_factory, provider):
-    app = _space(engine, smollm2_dir, tmp_path_factory.mktemp("open-space"), provider,
+def open_app(tiny_engine, tiny_mistral_dir, tmp_path_factory, provider):
+    """On the tiny Mistral: its QLoRA round takes seconds, and who may vote, the cap and the manual
+    promotion are what is checked here."""
+    app = _space(tiny_engine, tiny_mistral_dir, tmp_path_factory.mktemp("open-space"), provider,
                  ["--annotators", "open", "--epochs", "1", "--quantize", "4bit"])  # QLoRA rounds, on the CPU
     yield app
     app.stop()

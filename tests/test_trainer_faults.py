@@ -22,13 +22,25 @@ from trainer.rounds import RoundConfig, Rounds
 SMALL = dict(epochs=1, max_length=96, learning_rate=5e-4)
 
 
-@pytest.fixture
-def data(tmp_path, smollm2_dir):
+def _data(tmp_path, base):
     store = VoteStore(tmp_path / "votes.db")
     _seed_votes(store, 8)
-    ServingLog(store).set_base_model(str(smollm2_dir))
+    ServingLog(store).set_base_model(str(base))
     ServingLog(store).record([])
-    return tmp_path, store, Rounds(store, tmp_path, str(smollm2_dir))
+    return tmp_path, store, Rounds(store, tmp_path, str(base))
+
+
+@pytest.fixture
+def data(tmp_path, tiny_mistral_dir):
+    """Rounds on the tiny Mistral: what these faults check is the round's lifecycle (training,
+    the gate, promotion are all real), and its gate samples take a second instead of twenty."""
+    return _data(tmp_path, tiny_mistral_dir)
+
+
+@pytest.fixture
+def smol_data(tmp_path, smollm2_dir):
+    """Rounds on SmolLM2, whose steps take long enough to kill a round between two of them."""
+    return _data(tmp_path, smollm2_dir)
 
 
 def _nothing_promoted(rounds: Rounds, store: VoteStore) -> None:
@@ -79,10 +91,10 @@ def test_a_full_disk_at_promotion_fails_the_round_and_leaves_nothing_half_writte
     _nothing_promoted(rounds, store)
 
 
-def test_sigkill_mid_round_leaves_no_adapter_no_orphan_and_a_failed_round(data):
+def test_sigkill_mid_round_leaves_no_adapter_no_orphan_and_a_failed_round(smol_data):
     import psutil
 
-    tmp, store, rounds = data
+    tmp, store, rounds = smol_data
     cli = subprocess.Popen([sys.executable, "-m", "trainer", "--data-dir", str(tmp), "round", "--epochs", "3",
                             "--max-length", "96", "--heldout-fraction", "0"], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
