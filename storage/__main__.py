@@ -17,6 +17,7 @@ from pathlib import Path
 from storage.errors import StorageError, UserError
 from storage.export import export_all
 from storage.importer import import_pairs
+from storage.pairs import HELDOUT_FRACTION
 from storage.votes import VoteStore
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write the votes as a Hugging Face dataset folder")
     e.add_argument("--out", type=Path, required=True, help="new folder to write")
+    e.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION,
+                   help="share of prompts in the test split: the rounds' held-out slice (default: %(default)s)")
     i = sub.add_parser("import", help="load a preference dataset as seed pairs")
     i.add_argument("source", help="a parquet/json(l) file, a PrefLoop export folder, or a Hub dataset id")
     i.add_argument("--split", default="train")
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = VoteStore(args.data_dir / "votes.db")
         if args.command == "export":
-            counts = export_all(store, args.out, store.annotator_salt())
-            print(f"wrote {args.out}: {counts['votes']} votes, {counts['preferences']} preference pairs")
+            counts = export_all(store, args.out, store.annotator_salt(), heldout_fraction=args.heldout_fraction)
+            print(f"wrote {args.out}: {counts['votes']} votes, {counts['train']} training pairs, "
+                  f"{counts['test']} held-out pairs")
         elif args.command == "import":
             n = import_pairs(store, args.source, args.split)
             print(f"imported {n} new seed pairs from {args.source}")

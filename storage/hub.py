@@ -1,16 +1,23 @@
 """Votes -> a Hub dataset repo, with huggingface_hub. SQLite stays the source of truth.
 
-New votes are staged as immutable parquet segments (``<boot id>-<sequence>.parquet``) under
-``<data-dir>/hub/staged``; a push uploads the staged files the repo does not have yet in one
-commit, then moves them to ``hub/pushed``. A remote file is never overwritten or deleted: names
-are unique per boot, and files already present remotely are skipped, so a push that failed half
-way can simply be retried. Without a repo or a token the sync is local only, said once.
+New votes are staged as immutable parquet segments (``votes/<boot id>-<sequence>.v2.parquet``)
+under ``<data-dir>/hub/staged``; a push uploads the staged files the repo does not have yet in one
+commit, then moves them to ``hub/pushed``. A vote segment is never overwritten: names are unique
+per boot, and files already present remotely are skipped, so a push that failed half way can
+simply be retried. The ``preferences`` config is derived from the whole log (storage.pairs), so
+each replica keeps one snapshot file per split (``preferences/<split>/<replica id>-<content
+hash>.parquet``), restaged when the votes or the exclusions change; the commit that adds a new
+one deletes the replica's last one, and a retried push finds it there. A repo written under an older
+schema is brought up to date in the first push's commit (old vote segments upgraded to the
+current columns, old preference segments replaced by the snapshot, the card rewritten). Without a
+repo or a token the sync is local only, said once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -18,13 +25,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.export import CONFIGS, export_segment, write_card, write_guidelines
+from storage.export import (
+    CONFIGS,
+    SEGMENT_SUFFIX,
+    SPLITS,
+    export_preferences,
+    export_votes,
+    upgrade_votes,
+    write_card,
+    write_guidelines,
+)
+from storage.pairs import HELDOUT_FRACTION
 from storage.votes import VoteStore
 
 logger = logging.getLogger(__name__)
 
 STAGED_MARK = "hub_staged_watermark"
 PUSHED_REVISION = "hub_pushed_revision"
+PREFERENCES_MARK = "hub_preferences_staged"  # what the staged preferences snapshot was made from
+REPLICA_ID = "hub_replica_id"
 
 
 @dataclass
@@ -47,21 +66,33 @@ class HubStatus:
                 f"{self.pending_files} files waiting{err}")
 
 
+def _splits(paths: set[str]) -> tuple[str, ...]:
+    """The preferences splits that have a file among ``paths``."""
+    return tuple(s for s in SPLITS if any(p.startswith(f"preferences/{s}/") for p in paths))
+
+
 class HubSync:
     """Stages and pushes vote segments. ``api`` is a ``huggingface_hub.HfApi`` (or None: local only)."""
 
     def __init__(self, store: VoteStore, hub_dir: Path, repo_id: str | None, api=None, salt: str = "",
-                 private: bool = True, retries: int = 4, backoff_s: float = 2.0):
+                 private: bool = True, retries: int = 4, backoff_s: float = 2.0,
+                 heldout_fraction: float = HELDOUT_FRACTION):
         self.store = store
         self.staged = Path(hub_dir) / "staged"
         self.pushed = Path(hub_dir) / "pushed"
+        self.snapshot = self.staged / "preferences.snapshot"
         self.repo_id = repo_id
         self.api = api
         self.salt = salt
         self.private = private
         self.retries = retries
         self.backoff_s = backoff_s
+        self.heldout_fraction = heldout_fraction
         self.boot_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+        self.replica_id = store.get_setting(REPLICA_ID)
+        if not self.replica_id:  # one per data dir, for the files it replaces (its preferences snapshot)
+            self.replica_id = "replica-" + secrets.token_hex(6)
+            store.set_setting(REPLICA_ID, self.replica_id)
         self.seq = 0
         self.status = HubStatus(enabled=bool(repo_id and api is not None), repo_id=repo_id)
         self._lock = threading.Lock()
@@ -72,21 +103,30 @@ class HubSync:
     # -- staging -------------------------------------------------------------------------
 
     def stage(self) -> int:
-        """Export votes not staged yet as a new segment; returns how many votes it holds."""
+        """Export votes not staged yet as a new segment, and the preferences snapshot when the votes
+        or the exclusions changed; returns how many votes the new segment holds."""
         with self._lock:
             after = int(self.store.get_setting(STAGED_MARK, "0"))
             upto = self.store.max_vote_id()
-            if upto <= after:
-                return 0
-            self.seq += 1
-            name = f"{self.boot_id}-{self.seq:06d}"
-            counts = export_segment(self.store, self.staged, name, after, upto, self.salt)
-            # Files first, then the watermark: a crash in between stages those votes again under a
-            # new name (readers dedupe on pair_id); it never loses them.
-            self.store.set_setting(STAGED_MARK, str(upto))
-            logger.info("staged segment %s: %d votes, %d preference pairs",
-                        name, counts["votes"], counts["preferences"])
-            return counts["votes"]
+            n = 0
+            if upto > after:
+                self.seq += 1
+                name = f"{self.boot_id}-{self.seq:06d}"
+                n = export_votes(self.store, self.staged, name, after, upto, self.salt)
+                # Files first, then the watermark: a crash in between stages those votes again under
+                # a new name (readers dedupe on pair_id); it never loses them.
+                self.store.set_setting(STAGED_MARK, str(upto))
+                logger.info("staged segment %s: %d votes", name, n)
+            mark = json.dumps([upto, sorted(self.store.excluded_annotators()), self.heldout_fraction])
+            if upto and self.store.get_setting(PREFERENCES_MARK) != mark:
+                counts = export_preferences(self.store, self.staged, self.replica_id, self.heldout_fraction)
+                self.staged.mkdir(parents=True, exist_ok=True)
+                tmp = self.snapshot.with_suffix(".tmp")  # which files make this replica's snapshot now
+                tmp.write_text(json.dumps(counts["files"]))
+                os.replace(tmp, self.snapshot)
+                self.store.set_setting(PREFERENCES_MARK, mark)
+                logger.info("staged the preferences: %d training pairs, %d held out", counts["train"], counts["test"])
+            return n
 
     def revision_holding(self, watermark: int) -> tuple[str, str | None] | None:
         """(repo, revision) of the dataset that holds every vote up to ``watermark``; the revision is
@@ -97,7 +137,7 @@ class HubSync:
         return self.repo_id, pushed.get("revision") if pushed.get("watermark", -1) >= watermark else None
 
     def pending(self) -> list[Path]:
-        return sorted(p for c in CONFIGS for p in (self.staged / c).glob("*.parquet"))
+        return sorted(p for c in CONFIGS for p in (self.staged / c).rglob("*.parquet"))
 
     def refresh_status(self) -> HubStatus:
         self.status.pending_rows = self.store.count_votes(int(self.store.get_setting(STAGED_MARK, "0")))
@@ -134,11 +174,11 @@ class HubSync:
         return 0
 
     def _push_once(self) -> int:
-        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         with self._lock:
             files = self.pending()
-            if not files:
+            if not files and not self.snapshot.exists():
                 return 0
             self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private, exist_ok=True)
             remote = set(self.api.list_repo_files(self.repo_id, repo_type="dataset"))
@@ -147,11 +187,22 @@ class HubSync:
                 rel = f.relative_to(self.staged).as_posix()
                 if rel not in remote:
                     ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)))
+            if self.snapshot.exists():  # this replica's new snapshot replaces its last one
+                current = set(json.loads(self.snapshot.read_text()))
+                ops += [CommitOperationDelete(path_in_repo=old) for old in sorted(remote)
+                        if old.startswith("preferences/") and old.count("/") == 2
+                        and old.rsplit("/", 1)[1].startswith(f"{self.replica_id}-") and old not in current]
+            upgraded = self._upgrade_ops(remote)
+            ops += upgraded
             new = [g for g in self.store.guidelines() if f"guidelines/{g['version']}.md" not in remote]
             for path in write_guidelines(self.staged.parent / "card", new):  # a version is added once, never changed
                 ops.append(CommitOperationAdd(path_in_repo=f"guidelines/{path.name}", path_or_fileobj=str(path)))
-            if "README.md" not in remote:
-                card = write_card(self.staged.parent / "card", f"PrefLoop votes: {self.repo_id}")
+            after = (remote | {o.path_in_repo for o in ops if isinstance(o, CommitOperationAdd)}) - \
+                {o.path_in_repo for o in ops if isinstance(o, CommitOperationDelete)}
+            splits_before, splits_after = _splits(remote), _splits(after)
+            if "README.md" not in remote or upgraded or splits_after != splits_before:
+                card = write_card(self.staged.parent / "card", f"PrefLoop votes: {self.repo_id}",
+                                  splits=splits_after or ("train",))
                 ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card)))
             if ops:
                 commit = self.api.create_commit(
@@ -165,10 +216,38 @@ class HubSync:
                 dest = self.pushed / f.relative_to(self.staged)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(f), dest)
+            self.snapshot.unlink(missing_ok=True)
             self.status.pushed_files += len(files)
-            logger.info("hub push to %s: %d files uploaded, %d already there", self.repo_id,
-                        len([o for o in ops if o.path_in_repo != "README.md"]), len(files) - len(ops))
+            logger.info("hub push to %s: %d operations in one commit", self.repo_id, len(ops))
             return len(ops)
+
+    def _upgrade_ops(self, remote: set[str]) -> list:
+        """Commit operations that bring files written under an older schema up to date: each old
+        vote segment (any replica's) rewritten with the current columns under the current suffix,
+        and old preference segments removed (the snapshots replace them)."""
+        import pyarrow.parquet as pq
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        ops = []
+        for rel in sorted(remote):
+            parts = rel.split("/")
+            if len(parts) != 2 or not rel.endswith(".parquet") or rel.endswith(SEGMENT_SUFFIX):
+                continue
+            if parts[0] == "votes":
+                local = self.api.hf_hub_download(self.repo_id, rel, repo_type="dataset",
+                                                 cache_dir=self.staged.parent / "upgrade-cache")
+                new_rel = rel[: -len(".parquet")] + SEGMENT_SUFFIX
+                out = self.staged.parent / "upgraded" / Path(new_rel).name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(upgrade_votes(pq.read_table(local)), out)
+                if new_rel not in remote:
+                    ops.append(CommitOperationAdd(path_in_repo=new_rel, path_or_fileobj=str(out)))
+                ops.append(CommitOperationDelete(path_in_repo=rel))
+            elif parts[0] == "preferences":
+                ops.append(CommitOperationDelete(path_in_repo=rel))
+        if ops:
+            logger.info("hub: %d files written under an older schema brought up to date", len(ops))
+        return ops
 
     # -- background ----------------------------------------------------------------------
 

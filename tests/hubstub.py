@@ -114,13 +114,22 @@ class HubStub:
                 return True
 
             def _resolve(self, head: bool) -> bool:
-                m = re.match(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
-                if not m or m.group(1).startswith("api/"):
+                m = re.match(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+                if not m or m.group(2).startswith("api/"):
                     return False
-                repo, revision, path = m.groups()
-                if self._model_refusal(repo):
+                dataset, repo, revision, path = m.groups()
+                if dataset:  # a dataset repo: its current files (the stand-in keeps no history for them)
+                    if repo not in stub.repos:
+                        self.send_response(404)
+                        self.send_header("X-Error-Code", "RepoNotFound")
+                        self.end_headers()
+                        return True
+                    files = stub.repos[repo]
+                    sha = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+                elif self._model_refusal(repo):
                     return True
-                sha, files = stub._revision(repo, revision)
+                else:
+                    sha, files = stub._revision(repo, revision)
                 if path not in files:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
@@ -272,6 +281,9 @@ class HubStub:
                             repo[v["path"]] = base64.b64decode(v["content"])
                         elif line["key"] in ("deletedFile", "deletedFolder"):
                             stub.deletes.append(v["path"])
+                            gone = v["path"].rstrip("/")
+                            for path in [p for p in repo if p == gone or p.startswith(gone + "/")]:
+                                del repo[path]
                         elif line["key"] == "lfsFile":
                             return self._send(400, {"error": "the stand-in takes regular uploads only"})
                     stub.commits.append({"repo": name, "paths": [x["value"].get("path") for x in lines[1:]]})

@@ -11,8 +11,8 @@ import pytest
 from collector.annotate import AnnotateConfig, Annotation
 from collector.prompts import PromptQueue
 from collector.quality import annotator_quality, cohen_kappa, repeat_judgements
+from storage.pairs import build_pairs
 from storage.votes import VoteStore
-from trainer.data import build_pairs
 from ui import figures
 
 

@@ -46,11 +46,13 @@ def test_export_folder_loads_with_both_configs(store, tmp_path):
     r = subprocess.run([sys.executable, "-m", "storage", "export", "--data-dir", str(tmp_path), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "8 votes, 6 preference pairs" in r.stdout
+    assert "8 votes, 8 training pairs, 0 held-out pairs" in r.stdout
     # a fresh cache: datasets caches a local folder by its name alone (storage.importer.load_any)
     votes = load_dataset(str(out), "votes", split="train", cache_dir=str(tmp_path / "cache"))
     prefs = load_dataset(str(out), "preferences", split="train", cache_dir=str(tmp_path / "cache"))
-    assert len(votes) == 8 and len(prefs) == 6  # ties and both-bad stay in votes only
+    splits = load_dataset(str(out), "preferences", cache_dir=str(tmp_path / "cache"))
+    assert len(votes) == 8 and len(prefs) == 8  # the tie as both orderings; both-bad in votes only
+    assert len(splits.get("test", [])) == 0  # no prompt here is held out: the empty split still loads
     assert sorted(set(votes["choice"])) == ["both_bad", "left", "right", "tie"]
     assert "alice" not in votes["annotator"] and len(votes[0]["annotator"]) == 16  # salted hash
     row = prefs[1]  # vote 2 chose right
@@ -102,16 +104,17 @@ def _sync(store, tmp_path, hub, **kw) -> HubSync:
 
 def test_push_uploads_new_segments_once_to_a_private_repo(store, tmp_path, hub):
     sync = _sync(store, tmp_path, hub)
-    assert sync.push() == 3  # votes + preferences segments + the card
-    files = hub.files(REPO)
+    assert sync.push() == 3  # a votes segment, the preferences snapshot (no prompt held out: train only), the card
+    files = dict(hub.files(REPO))
     assert sorted(p.split("/")[0] for p in files) == ["README.md", "preferences", "votes"]
     assert hub.private[REPO] is True
     assert hub.validated >= 1  # the dataset card's YAML passed the Hub's validation call
     assert sync.push() == 0  # nothing new: no commit
     _votes(store, ["right", "tie"], start=100)
-    assert sync.push() == 2
-    assert len(hub.files(REPO)) == 5 and len(hub.commits) == 2
-    assert hub.overwrites == [] and hub.deletes == []
+    assert sync.push() == 3  # a new votes segment; the preferences snapshot replaces its last one
+    assert len(hub.files(REPO)) == 4 and len(hub.commits) == 2
+    assert hub.overwrites == []
+    assert sorted(hub.deletes) == sorted(p for p in files if p.startswith("preferences/"))  # the last snapshot
     assert sync.refresh_status().pending_rows == 0 and sync.status.last_error is None
 
 
@@ -138,10 +141,12 @@ def test_a_restart_with_an_empty_staging_dir_overwrites_nothing(store, tmp_path,
     shutil.rmtree(tmp_path / "hub")  # e.g. a Space rebuilt without its staging folder
     _votes(store, ["left"], start=200)
     restarted = _sync(store, tmp_path, hub)  # a new boot id
-    assert restarted.push() == 2
+    assert restarted.push() == 3  # a new votes segment, this replica's new snapshot, its last one deleted
     after = hub.files(REPO)
-    assert {k: after[k] for k in before} == before and hub.overwrites == []
-    assert len(after) == len(before) + 2
+    kept = [k for k in before if not k.startswith("preferences/")]
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}
+    assert hub.overwrites == [] and hub.deletes and all(p.startswith("preferences/") for p in hub.deletes)
+    assert len(after) == len(before) + 1
 
 
 def test_two_replicas_push_to_one_repo_without_collisions(tmp_path, hub):

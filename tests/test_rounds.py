@@ -12,9 +12,10 @@ import pytest
 
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
+from storage.pairs import build_pairs, is_heldout
 from storage.serving import ServingLog
 from storage.votes import VoteStore
-from trainer.data import build_pairs, is_heldout, trl_rows
+from trainer.data import trl_rows
 from trainer.ipo import TrainConfig
 from trainer.rounds import RoundConfig, RoundError, Rounds, distinct_n
 

@@ -1,80 +1,12 @@
-"""Votes -> TRL conversational preference pairs, with a deterministic held-out slice.
+"""A round's share of the pairs (storage.pairs decides what trains) and the rows TRL reads.
 
-A left/right vote gives one pair. A tie gives both orderings: IPO regresses the
-(length-normalised) log-ratio gap to 1/(2*beta) for each ordering, so the two targets cancel and
-the optimum for p = 1/2 is a zero margin. "Both bad" says nothing about the order: dropped.
-
-An answer vLLM cut at max_tokens (finish reason "length") carries ``chosen_cut`` / ``rejected_cut``:
-the trainer leaves the chat template's turn end off it (trainer.ipo), so a round never teaches the
-model to end its turn where it was only stopped.
+``cap_shares`` keeps any one person's share of a round within a bound; ``trl_rows`` gives
+DPOTrainer its columns and the cut flags trainer.ipo reads.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable
 from typing import Any
-
-HELDOUT_SALT = "prefloop-heldout-v1"
-
-
-def message(role: str, content: str) -> list[dict[str, str]]:
-    return [{"role": role, "content": content}]
-
-
-def is_heldout(prompt: list[dict[str, str]], fraction: float) -> bool:
-    """Stable across runs and machines: a hash of the prompt, not of the vote or the clock."""
-    if fraction <= 0:
-        return False
-    key = (HELDOUT_SALT + json.dumps(prompt, sort_keys=True, ensure_ascii=False)).encode()
-    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-    return bucket < fraction
-
-
-def vote_to_pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One vote row (storage.votes.VoteStore.votes_with_pairs) -> 0, 1 or 2 TRL pairs."""
-    left = (row["answer_left"], row["model_left"], row.get("finish_left") == "length")
-    right = (row["answer_right"], row["model_right"], row.get("finish_right") == "length")
-    orders = {"left": [(left, right)], "right": [(right, left)], "tie": [(left, right), (right, left)]}
-    out = []
-    for (chosen, chosen_by, chosen_cut), (rejected, rejected_by, rejected_cut) in orders.get(row["choice"], []):
-        out.append(
-            {
-                "prompt": row["messages"],
-                "chosen": message("assistant", chosen),
-                "rejected": message("assistant", rejected),
-                "vote_id": row["vote_id"],
-                "annotator": row.get("annotator", ""),
-                "choice": row["choice"],
-                "chosen_model": chosen_by,
-                "rejected_model": rejected_by,
-                "chosen_cut": chosen_cut,
-                "rejected_cut": rejected_cut,
-            }
-        )
-    return out
-
-
-def trainable(row: dict[str, Any]) -> bool:
-    """A repeat measures agreement (its original is already counted); an excluded person's votes
-    are kept but not trained on."""
-    return not row.get("repeat_of") and not row.get("excluded")
-
-
-def build_pairs(
-    rows: Iterable[dict[str, Any]], heldout_fraction: float = 0.1
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split votes into (train, heldout) pair lists; both orderings of a tie stay together."""
-    train: list[dict[str, Any]] = []
-    heldout: list[dict[str, Any]] = []
-    for row in rows:
-        if not trainable(row):
-            continue
-        pairs = vote_to_pairs(row)
-        if pairs:
-            (heldout if is_heldout(row["messages"], heldout_fraction) else train).extend(pairs)
-    return train, heldout
 
 
 def cap_shares(pairs: list[dict[str, Any]], max_share: float, uncapped: set[str] | frozenset[str] = frozenset()

@@ -25,11 +25,12 @@ from filelock import FileLock, Timeout
 
 from storage.errors import UserError
 from storage.flags import setting
+from storage.pairs import HELDOUT_FRACTION, build_pairs, is_heldout
 from storage.procs import die_with_parent
 from storage.rounds import AWAITING, FAILED, PROMOTED, REJECTED, RoundLog
 from storage.serving import BASE, ServingLog
 from storage.votes import VoteStore
-from trainer.data import build_pairs, cap_shares, is_heldout
+from trainer.data import cap_shares
 from trainer.ipo import TrainConfig, TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class RoundConfig:
     continue_learning_rate: float | None = setting(1e-4, help="learning rate of a round that continues an "
                                                    "adapter (--learning-rate is for rounds from the base)")
     min_pairs: int = setting(4, help="fewest training pairs worth a round")
-    heldout_fraction: float = setting(0.1, help="share of prompts held out for the gate")
+    heldout_fraction: float = setting(HELDOUT_FRACTION, help="share of prompts held out for the gate")
     min_heldout_accuracy: float = setting(0.5, help="gate: refuse an adapter whose held-out votes show accuracy "
                                           "below this floor")
     heldout_confidence: float = setting(0.95, help="gate: the confidence with which they must show it "
@@ -169,8 +170,8 @@ def gate(result: dict[str, Any], cfg: RoundConfig) -> tuple[bool, str]:
 
 
 def scored(heldout: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The held-out pairs a round scores: those with a preference (ties are trained on, never
-    scored: they would pull accuracy to 1/2), the newest ``limit``."""
+    """The held-out pairs a round scores: those with a preference (storage.pairs leaves held-out
+    ties out; imported pairs may carry them), the newest ``limit``."""
     strict = [p for p in heldout if p.get("choice") != "tie"]
     return strict[max(0, len(strict) - limit):]
 
@@ -440,6 +441,9 @@ class Rounds:
         steps = self.work / adapter_name(round_id) / "metrics.jsonl"
         if steps.exists():  # per-step metrics outlive the work dir: the admin's training plots
             shutil.copyfile(steps, self.manifests / f"{adapter_name(round_id)}.metrics.jsonl")
+        spec = self.work / adapter_name(round_id) / "spec.json"
+        if spec.exists():  # exactly what the round trained and scored on, for audits and the export check
+            shutil.copyfile(spec, self.manifests / f"{adapter_name(round_id)}.spec.json")
         path = self.manifests / f"{adapter_name(round_id)}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))

@@ -66,6 +66,8 @@ def round_steps(manifests: Path, live: tuple[str, list[dict[str, Any]]] | None =
 def manifests(path: Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted(path.glob("round-[0-9]*.json")):
+        if not f.stem[len("round-"):].isdigit():
+            continue  # round-0001.spec.json: the round's input, beside its manifest
         try:
             out.append(json.loads(f.read_text()))
         except ValueError:
