@@ -140,7 +140,7 @@ class HubSync:
         return sorted(p for c in CONFIGS for p in (self.staged / c).rglob("*.parquet"))
 
     def refresh_status(self) -> HubStatus:
-        self.status.pending_rows = self.store.count_votes(int(self.store.get_setting(STAGED_MARK, "0")))
+        self.status.pending_rows = self.store.count_log_rows(int(self.store.get_setting(STAGED_MARK, "0")))
         self.status.pending_files = len(self.pending())
         return self.status
 

@@ -482,6 +482,12 @@ class VoteStore:
                 f"WHERE v.id > ? AND v.superseded_by IS NULL{extra}", (since,)
             ).fetchone()[0]
 
+    def count_log_rows(self, since: int = 0) -> int:
+        """Rows of the vote log after ``since``, changed votes included (what the export stages):
+        a range over the primary key, cheap at any size."""
+        with self._conn() as conn:
+            return conn.execute("SELECT COUNT(*) FROM votes WHERE id > ?", (since,)).fetchone()[0]
+
     def counts_by_choice(self) -> dict[str, int]:
         with self._conn() as conn:
             return {r[0]: r[1] for r in conn.execute(
@@ -528,6 +534,19 @@ class VoteStore:
             d["params"] = json.loads(d["params"])
             out.append(d)
         return out
+
+    def vote_facts(self) -> list[dict[str, Any]]:
+        """The current votes without their texts, oldest first: what the Admin tab's figures read
+        (who, what, between which versions, how fast; repeats and exclusions). A fraction of
+        ``votes_with_pairs``' cost: no prompts, answers or JSON."""
+        with self._conn() as conn:
+            return [dict(r) for r in conn.execute(
+                """SELECT v.id AS vote_id, v.pair_id, v.annotator, v.choice, v.latency_ms, v.created_at,
+                          p.model_left, p.model_right, p.repeat_of, p.repeat_swapped,
+                          x.annotator IS NOT NULL AS excluded
+                   FROM votes v JOIN pairs p ON p.id = v.pair_id
+                   LEFT JOIN excluded_annotators x ON x.annotator = v.annotator
+                   WHERE v.superseded_by IS NULL ORDER BY v.id""")]
 
     # -- people --------------------------------------------------------------------------
 

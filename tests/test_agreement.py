@@ -91,6 +91,9 @@ def test_figures_are_tidy_frames_for_the_plots(tmp_path):
     df = figures.votes_over_time(store.vote_times())
     assert df[df.choice == "all"].votes.tolist() == [1, 2, 3]
     assert df[df.choice == "left"].votes.tolist() == [1, 2]
+    many = figures.votes_over_time([(1.7e9 + i, ("left", "right", "tie")[i % 3]) for i in range(100_000)])
+    assert len(many) <= 4 * 402  # about 400 points a line, whatever the count
+    assert many[many.choice == "all"].votes.iloc[-1] == 100_000 and many[many.choice == "tie"].votes.max() == 33_333
     (tmp_path / "round-0001.metrics.jsonl").write_text(
         '{"step": 1, "loss": 1.0, "ipo/accuracy": 0.0}\n{"step": 2, "loss": 0.8, "ipo/accuracy": 0.75}\n'
         '{"event": "result", "train_loss": 0.9}\n')

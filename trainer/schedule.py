@@ -60,14 +60,26 @@ class Scheduler:
         self.job: RoundJob | None = None
         self.last_round_at = time.time()
         self._lock = threading.Lock()
+        self._usable: tuple[tuple, int] | None = None  # (what it was counted at, the count)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- triggers ------------------------------------------------------------------------
 
     def usable_new_votes(self) -> int:
-        """Left/right/tie votes since the last finished round (promoted or not)."""
-        return self.rounds.store.count_votes(self.rounds.last_attempt_watermark(), usable_only=True)
+        """Left/right/tie votes since the last finished round (promoted or not). Counted again only
+        when the log, the last round or the exclusions changed: the scheduler's poll, the Admin
+        tab and every annotator's progress line ask far more often than votes arrive."""
+        store = self.rounds.store
+        since = self.rounds.last_attempt_watermark()
+        key = (store.max_vote_id(), since, tuple(sorted(store.excluded_annotators())))
+        with self._lock:
+            if self._usable is not None and self._usable[0] == key:
+                return self._usable[1]
+        count = store.count_votes(since, usable_only=True)
+        with self._lock:
+            self._usable = (key, count)
+        return count
 
     def due(self) -> str | None:
         if self.paused or self.running:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,9 @@ class Admin:
     access: Access
     exports: Path
     publisher: Publisher | None = None
+    # the figures computed from every vote, and the state they were computed at (vote_figures)
+    figures_cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    figures_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def require_admin(admin: Admin, request: Any) -> Person:
@@ -180,18 +185,76 @@ def export(admin: Admin, request: Any) -> Path:
 # -- the view ------------------------------------------------------------------------------------
 
 
+INLINE_FIGURES_S = 0.5  # figures that took longer than this are recomputed in the background
+
+
+def _compute_figures(store: VoteStore, key: tuple, last: int) -> dict[str, Any]:
+    facts = store.vote_facts()
+    since = [f for f in facts if f["vote_id"] > last]
+    return {
+        "key": key, "started": time.monotonic(),
+        "rates": win_rates_with_intervals(outcomes_from_votes(facts), anchor="base", samples=100),
+        "people": annotator_quality(facts), "by_choice": Counter(f["choice"] for f in facts), "total": len(facts),
+        "since": len(since), "usable": sum(f["choice"] != "both_bad" and not f["repeat_of"] and not f["excluded"]
+                                           for f in since),
+        "plot_votes": figures.votes_over_time((f["created_at"], f["choice"]) for f in facts),
+    }
+
+
+def vote_figures(admin: Admin, last: int, excluded: set[str]) -> dict[str, Any]:
+    """Counts, win rates, annotator quality and the votes plot, computed from every vote and kept
+    until the log changes (a new or changed vote moves the largest vote id; an exclusion or a
+    round changes the rest of the key): a refresh while nothing changed (every 2 s during a round)
+    reads them back. Where computing them took longer than INLINE_FIGURES_S (a large log), a
+    change is recomputed in the background, at most one at a time, and the refresh shows the last
+    figures with the vote they are as of: a refresh never waits on a full pass over the log.
+    bench/admin_refresh.py measures both paths."""
+    store = admin.store
+    key = (store.max_vote_id(), tuple(sorted(excluded)), last)
+    cache = admin.figures_cache
+    with admin.figures_lock:
+        current = cache.get("figures")
+        if current is not None and current["key"] == key:
+            return current
+        if current is None or cache.get("seconds", 0.0) <= INLINE_FIGURES_S:
+            started = time.monotonic()
+            cache["figures"] = _compute_figures(store, key, last)
+            cache["seconds"] = time.monotonic() - started
+            return cache["figures"]
+        if not cache.get("computing"):
+            cache["computing"] = True
+
+            def compute() -> None:
+                started = time.monotonic()
+                try:
+                    fresh = _compute_figures(store, key, last)
+                except Exception:
+                    logger.exception("the Admin tab's figures could not be computed")
+                    fresh = None
+                with admin.figures_lock:
+                    if fresh is not None:
+                        cache["figures"], cache["seconds"] = fresh, time.monotonic() - started
+                    cache["computing"] = False
+
+            threading.Thread(target=compute, name="admin-figures", daemon=True).start()
+        return current
+
+
 def view(admin: Admin, request: Any) -> dict[str, Any]:
     """Everything the tab shows, by component name (admins only)."""
     require_admin(admin, request)
     store, rounds, scheduler = admin.store, admin.rounds, admin.scheduler
     names = store.people()
     last = rounds.last_watermark()
-    by_choice = store.counts_by_choice()
+    excluded = store.excluded_annotators()
+    fig = vote_figures(admin, last, excluded)
+    by_choice = fig["by_choice"]
     choice_line = ", ".join(f"{by_choice.get(c, 0)} {c.replace('_', ' ')}"
                             for c in ("left", "right", "tie", "both_bad"))
+    as_of = "" if fig["key"][0] == store.max_vote_id() else f" (as of vote {fig['key'][0]}; updating)"
     lines = [
-        f"**Votes:** {store.count_votes()} in total ({choice_line}); {store.count_votes(last)} since the "
-        f"last round, {store.count_votes(last, usable_only=True)} of them usable for training",
+        f"**Votes:** {fig['total']} in total ({choice_line}); {fig['since']} since the "
+        f"last round, {fig['usable']} of them usable for training{as_of}",
         f"**Serving:** `{admin.serving.current}` · **Next round:** {scheduler.next_trigger()}",
         f"**Dataset:** {admin.hub.refresh_status().line()}",
         f"**Who may annotate:** {admin.access.describe()}",
@@ -201,7 +264,6 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
         err = f"; last error: {admin.publisher.last_error}" if admin.publisher.last_error else ""
         lines.append(f"**Model repo:** {admin.publisher.repo}: {len(published)} of {len(rounds.promoted())} "
                      f"promoted rounds published{err}")
-    excluded = store.excluded_annotators()
     if excluded:
         lines.append(f"**Excluded from training:** {', '.join(sorted(names.get(k, k) for k in excluded))}")
     waiting = rounds.awaiting()
@@ -238,10 +300,8 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])),
             round(((r["finished_at"] or time.time()) - r["started_at"]) / 60, 1),
         ])
-    votes = store.votes_with_pairs()
-    rates = win_rates_with_intervals(outcomes_from_votes(votes), anchor="base", samples=100)
+    rates, people = fig["rates"], fig["people"]
     rate_rows = [[m, round(e, 3), round(lo, 3), round(hi, 3)] for m, (e, lo, hi) in sorted(rates.items())]
-    people = annotator_quality(votes)
     q_rows = [[names.get(q.annotator, q.annotator), q.votes, round(q.left_share, 2), f"{q.left_p_value:.3g}",
                round(q.tie_rate, 2), q.median_seconds, q.repeats, _fmt(q.agreement), _fmt(q.kappa),
                "; ".join(f for f in ("always one side?" if q.position_biased else "",
@@ -254,7 +314,7 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
         "quality": q_rows, "timer": gr.Timer(active=scheduler.running),
         "plot_loss": steps_df[steps_df.metric == "loss"],
         "plot_accuracy": steps_df[steps_df.metric == figures.STEP_METRICS["ipo/accuracy"]],
-        "plot_rounds": figures.by_round(list(mans.values())), "plot_votes": figures.votes_over_time(store.vote_times()),
+        "plot_rounds": figures.by_round(list(mans.values())), "plot_votes": fig["plot_votes"],
         "plot_winrate": figures.win_rates(rates),
         "version": gr.Dropdown(choices=[r["adapter"] for r in rounds.promoted()]),
         "person": gr.Dropdown(choices=[(names.get(q.annotator, q.annotator), q.annotator) for q in people]),
