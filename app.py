@@ -248,7 +248,7 @@ def build(args: argparse.Namespace) -> App:
     hub = make_hub(args, store, data_dir)
     queue = PromptQueue(store)
     queue.load(args.prompts, args.prompts_column, args.prompts_split)
-    access = Access(mode, store, admins, args.annotators)
+    access = Access(mode, store, admins, args.annotators, users=users)
 
     model = resolve_model(args.model, data_dir)
     ServingLog(store).set_base_model(model)  # the trainer CLI trains on what the app serves

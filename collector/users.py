@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -24,6 +25,9 @@ from typing import Any
 from storage.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+PEOPLE_CHANGES = "people_changes"  # settings key: admins and annotators changed in the Admin tab
 
 
 class UsersError(UserError, ValueError):
@@ -47,6 +51,14 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
+def check_name(name: str | None) -> str:
+    """A person's name as typed by an admin: one line, no ':' (the users file's separator)."""
+    name = (name or "").strip()
+    if not name or len(name) > 64 or ":" in name or not name.isprintable():
+        raise UsersError("a name is 1-64 printable characters without ':'")
+    return name
+
+
 def hash_password(password: str, salt: str | None = None) -> str:
     salt = salt or secrets.token_hex(8)
     digest = hashlib.scrypt(password.encode(), salt=salt.encode(), n=2**14, r=8, p=1).hex()
@@ -68,10 +80,42 @@ class Users:
 
     HASH_THREADS = 2
 
-    def __init__(self, hashes: dict[str, str]):
+    def __init__(self, hashes: dict[str, str], path: Path | None = None):
         self.hashes = hashes
+        self.path = path
         self._dummy = hash_password(secrets.token_hex(16))
         self._pool = ThreadPoolExecutor(self.HASH_THREADS, thread_name_prefix="password-hash")
+        self._lock = threading.Lock()
+
+    def add(self, name: str, password: str | None = None) -> str:
+        """A new person; returns their password (a random one unless given: shown once, stored
+        hashed). The users file is rewritten atomically, so a crash leaves the old or the new one."""
+        name = check_name(name)
+        if password is not None and len(password) < 8:
+            raise UsersError("a password needs at least 8 characters")
+        password = password or secrets.token_urlsafe(9)
+        hashed = hash_password(password)
+        with self._lock:
+            if name in self.hashes:
+                raise UsersError(f"{name} is already a user")
+            self._write({**self.hashes, name: hashed})
+            self.hashes[name] = hashed
+        return password
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name not in self.hashes:
+                raise UsersError(f"{name} is not a user")
+            if len(self.hashes) == 1:
+                raise UsersError("the last user cannot be removed")
+            self._write({k: v for k, v in self.hashes.items() if k != name})
+            del self.hashes[name]
+
+    def _write(self, hashes: dict[str, str]) -> None:
+        if self.path is None:
+            raise UsersError("these users come from no file; nothing to change")
+        write_private(self.path, "# PrefLoop users: name:password or name:<hash from `python app.py hash-password`>\n"
+                      + "".join(f"{n}:{h}\n" for n, h in hashes.items()))
 
     @classmethod
     def load(cls, path: Path) -> Users:
@@ -89,7 +133,7 @@ class Users:
             hashes[name.strip()] = secret if secret.startswith("scrypt$") else hash_password(secret)
         if not hashes:
             raise UsersError(f"users file {path} has no users; add lines 'name:password'")
-        return cls(hashes)
+        return cls(hashes, path)
 
     @classmethod
     def generate(cls, path: Path, name: str = "admin") -> tuple[Users, str]:
@@ -270,11 +314,13 @@ class Access:
     carries the name is not given it.
     """
 
-    def __init__(self, mode: str, store, admins: set[str], annotators: str | None = None):
+    def __init__(self, mode: str, store, admins: set[str], annotators: str | None = None,
+                 users: Users | None = None):
         if mode not in ("password", "hf"):
             raise ValueError(f"mode {mode!r}: use 'password' or 'hf'")
         self.mode = mode
         self.store = store
+        self.users = users
         self.admins = set(admins)
         entries = {a.strip() for a in (annotators or "").split(",") if a.strip()}
         self.open = mode == "hf" and OPEN in entries
@@ -283,6 +329,12 @@ class Access:
         self._noted: dict[str, tuple[str, bool]] = {}
         self._bound: dict[str, str] = {}  # listed name -> the account key it is bound to
         self._lock = threading.Lock()
+        # What admins changed in the Admin tab outlives a restart: it is applied over the flags.
+        self.changes: dict[str, dict[str, bool]] = json.loads(store.get_setting(PEOPLE_CHANGES) or "{}")
+        for name, on in self.changes.get("admins", {}).items():
+            (self.admins.add if on else self.admins.discard)(name)
+        for entry, on in self.changes.get("annotators", {}).items():
+            self._allow(entry, on)
         store.sync_admins(self.admins)
         if mode == "password":
             for name in self.admins:
@@ -334,7 +386,9 @@ class Access:
         return person is not None and self._is_admin(person)
 
     def may_annotate(self, person: Person) -> bool:
-        if self.mode == "password" or self.open or self.is_admin(person):
+        if self.mode == "password":  # a person removed from the users file loses a live session too
+            return self.users is None or person.name in self.users.hashes
+        if self.open or self.is_admin(person):
             return True
         return bool(person.orgs & self.allowed_orgs) or self._listed(person, self.allowed_names)
 
@@ -355,6 +409,79 @@ class Access:
             raise PermissionError("admins only")
         assert person is not None
         return person
+
+    # -- changes from the Admin tab -------------------------------------------------------
+
+    def _allow(self, entry: str, on: bool) -> None:
+        names, value = (self.allowed_orgs, entry[4:]) if entry.startswith("org:") else (self.allowed_names, entry)
+        (names.add if on else names.discard)(value)
+
+    def _remember(self, kind: str, name: str, on: bool) -> None:
+        self.changes.setdefault(kind, {})[name] = on
+        self.store.set_setting(PEOPLE_CHANGES, json.dumps(self.changes, sort_keys=True))
+
+    def set_admin(self, name: str, on: bool, by: Person) -> None:
+        """Make ``name`` an admin or not, from now on (the next request) and after a restart."""
+        name = check_name(name)
+        with self._lock:
+            if not on and name == by.name:
+                raise UsersError("you cannot remove your own admin role; ask another admin")
+            if not on and name not in self.admins:
+                raise UsersError(f"{name} is not an admin")
+            if on and self.mode == "password" and self.users is not None and name not in self.users.hashes:
+                raise UsersError(f"{name} is not a user; add them first")
+            (self.admins.add if on else self.admins.discard)(name)
+            self._noted.clear()  # the admin mark is noted again on each person's next request
+            self._remember("admins", name, on)
+        self.store.sync_admins(self.admins)
+        logger.info("%s %s admin by %s", name, "made" if on else "no longer", by.name)
+
+    def add_annotator(self, name: str, by: Person, password: str | None = None) -> str | None:
+        """Password mode: a new user (returns the password to hand over). hf mode: a Hugging Face
+        user name, or ``org:NAME`` for an organisation's members, on the list."""
+        if self.mode == "password":
+            if self.users is None:
+                raise UsersError("this app has no users file")
+            password = self.users.add(name, password)
+            logger.info("user %s added by %s", name.strip(), by.name)
+            return password
+        entry = name.strip()
+        if entry.startswith("org:"):
+            check_name(entry[4:])
+        else:
+            check_name(entry)
+        with self._lock:
+            self._allow(entry, True)
+            self._remember("annotators", entry, True)
+        logger.info("%s may annotate (added by %s)", entry, by.name)
+        return None
+
+    def remove_annotator(self, name: str, by: Person) -> None:
+        """Take someone off (password mode: out of the users file; their session stops working at
+        its next request). Their votes are kept; the Admin tab can exclude them from training."""
+        name = (name or "").strip()
+        if name == by.name:
+            raise UsersError("you cannot remove yourself")
+        if name in self.admins:
+            raise UsersError(f"{name} is an admin; remove the admin role first")
+        if self.mode == "password":
+            if self.users is None:
+                raise UsersError("this app has no users file")
+            self.users.remove(name)
+        else:
+            with self._lock:
+                listed = name[4:] in self.allowed_orgs if name.startswith("org:") else name in self.allowed_names
+                if not listed:
+                    raise UsersError(f"{name} is not on the list")
+                self._allow(name, False)
+                self._remember("annotators", name, False)
+        logger.info("%s removed by %s", name, by.name)
+
+    def roster(self) -> str:
+        """Who may annotate and who are admins, in two lines for the Admin tab."""
+        people = sorted(self.users.hashes) if self.mode == "password" and self.users is not None else None
+        who = ", ".join(people) if people is not None else self.describe()
+        return f"**Annotators:** {who}\n\n**Admins:** {', '.join(sorted(self.admins)) or 'none'}"
 
     def describe(self) -> str:
         """Who may annotate, in one line (for the start-up message)."""

@@ -23,7 +23,7 @@ import gradio as gr
 
 from collector.quality import annotator_quality, outcomes_from_votes, win_rate_vs_base, win_rates_with_intervals
 from collector.serving import AdapterRejected, Serving
-from collector.users import Access, Person
+from collector.users import Access, Person, UsersError
 from storage.export import export_all
 from storage.hub import HubSync
 from storage.votes import VoteStore
@@ -143,6 +143,38 @@ def set_excluded(admin: Admin, annotator: str | None, excluded: bool, request: A
     admin.store.set_excluded(annotator, excluded, by=person.name)
     shown = admin.store.people().get(annotator, annotator)
     return f"{shown}'s votes are {'left out of' if excluded else 'back in'} training (all kept)"
+
+
+def add_person(admin: Admin, name: str | None, password: str | None, request: Any) -> str:
+    """Password mode: a new user (a random password unless one is given, shown once); hf mode: a
+    Hugging Face user name or ``org:NAME`` on the list of annotators."""
+    person = require_admin(admin, request)
+    try:
+        new_password = admin.access.add_annotator(name or "", person, password or None)
+    except UsersError as e:
+        raise refused(str(e)) from None
+    if new_password is None:
+        return f"{name.strip()} may annotate now"
+    return (f"{name.strip()} may log in now with the password **{new_password}** (shown once: hand it over "
+            "now; only its hash is kept)") if not password else f"{name.strip()} may log in now"
+
+
+def remove_person(admin: Admin, name: str | None, request: Any) -> str:
+    person = require_admin(admin, request)
+    try:
+        admin.access.remove_annotator(name or "", person)
+    except UsersError as e:
+        raise refused(str(e)) from None
+    return f"{name.strip()} may no longer annotate (their votes are kept)"
+
+
+def set_admin_role(admin: Admin, name: str | None, on: bool, request: Any) -> str:
+    person = require_admin(admin, request)
+    try:
+        admin.access.set_admin(name or "", on, person)
+    except UsersError as e:
+        raise refused(str(e)) from None
+    return f"{name.strip()} is {'now' if on else 'no longer'} an admin"
 
 
 def decide(admin: Admin, promote: bool, request: Any) -> str:
@@ -321,6 +353,7 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
         "decide_row": gr.Row(visible=waiting is not None),
         "typed": [[p["id"], names.get(p["owner"], p["owner"]), p["text"][:200]] for p in typed],
         "typed_pick": gr.Dropdown(choices=[(f"{p['id']}: {p['text'][:60]}", str(p["id"])) for p in typed]),
+        "roster": admin.access.roster(),
     }
 
 
@@ -374,6 +407,20 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
                                   allow_custom_value=True)
         exclude_btn = gr.Button("Exclude from training", elem_id="exclude", scale=1)
         include_btn = gr.Button("Include again", elem_id="include", scale=1)
+    gr.Markdown("#### People (changes apply at once and outlive a restart)")
+    c["roster"] = gr.Markdown(elem_id="roster")
+    hf = admin.access.mode == "hf"
+    with gr.Row():
+        who = gr.Textbox(label="Hugging Face user name, or org:NAME" if hf else "Name", elem_id="people-name",
+                         scale=2, max_length=80)
+        secret = gr.Textbox(label="Password (empty: a random one, shown once)", type="password", visible=not hf,
+                            elem_id="people-password", scale=2, max_length=200)
+    with gr.Row():
+        add_btn = gr.Button("Add annotator", elem_id="people-add")
+        remove_btn = gr.Button("Remove annotator", elem_id="people-remove")
+        make_admin_btn = gr.Button("Make admin", elem_id="people-make-admin")
+        unmake_admin_btn = gr.Button("Remove admin role", elem_id="people-remove-admin")
+    people_note = gr.Markdown(elem_id="people-note")
     gr.Markdown("#### Typed prompts (each stays with its author until you share it)")
     c["typed"] = gr.Dataframe(headers=PROMPT_COLUMNS, interactive=False, elem_id="typed-prompts", wrap=True)
     with gr.Row():
@@ -412,6 +459,17 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
     wire(reject_btn.click, lambda a, r: decide(a, False, r), None, "admin_reject")
     wire(share_btn.click, share_prompt, [c["typed_pick"]], "admin_share_prompt")
     wire(publish_btn.click, publish, None, "admin_publish")
+    wire(remove_btn.click, remove_person, [who], "admin_remove_person")
+    wire(make_admin_btn.click, lambda a, name, r: set_admin_role(a, name, True, r), [who], "admin_make_admin")
+    wire(unmake_admin_btn.click, lambda a, name, r: set_admin_role(a, name, False, r), [who], "admin_remove_admin")
+
+    def add(name: str, password: str, request: gr.Request) -> dict[Any, Any]:
+        """A new password is shown under the buttons (a notice would vanish before it is copied)."""
+        message = add_person(admin, name, password, request)
+        return {**refresh(request), people_note: message, secret: ""}
+
+    add_btn.click(add, [who, secret], [*outputs, people_note, secret], api_name="admin_add_person",
+                  api_visibility="private")
     c["timer"].tick(refresh, None, outputs, api_name="admin_tick", api_visibility="private")
     tab.select(refresh, None, outputs, api_name="admin_refresh", api_visibility="private")
 
