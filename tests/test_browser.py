@@ -36,7 +36,7 @@ def shown_pair(page) -> tuple[str, str]:
     return page.inner_text("#answer-a" + md).strip(), page.inner_text("#answer-b" + md).strip()
 
 
-def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
+def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app, tmp_path):
     page = login(browser, app, "alice")
     first = shown_pair(page)
     guide = page.locator("#guidelines")
@@ -73,15 +73,25 @@ def test_vote_by_click_and_by_keyboard_stores_the_displayed_order(browser, app):
     page.keyboard.press("u")
     page.wait_for_selector("#status:has-text('You said')", timeout=60_000)
     assert shown_pair(page) == second
-    page.keyboard.press("t")
+    page.keyboard.press("a")
     page.wait_for_function(
         "document.querySelector('#status').innerText.match(/Vote #\\d+ recorded/g)", timeout=60_000)
     with sqlite3.connect(app.data_dir / "votes.db") as conn:
         history = conn.execute(
-            "SELECT v.choice, v.superseded_by IS NULL FROM votes v JOIN pairs p ON p.id = v.pair_id "
+            "SELECT v.choice, v.superseded_by IS NULL, p.id FROM votes v JOIN pairs p ON p.id = v.pair_id "
             "WHERE p.answer_left = ? AND v.annotator = 'alice' ORDER BY v.id", (kleft,)).fetchall()
-    assert history == [("right", 0), ("tie", 1)]  # both kept; the tie counts
+    assert [h[:2] for h in history] == [("right", 0), ("left", 1)]  # both kept; the new one counts
     page.close()
+    # ...and the changed vote is the one that trains and is exported (storage.pairs decides both).
+    from datasets import load_dataset
+
+    from storage.export import export_all
+    from storage.votes import VoteStore
+
+    export_all(VoteStore(app.data_dir / "votes.db"), tmp_path / "export", salt="s")
+    prefs = load_dataset(str(tmp_path / "export"), "preferences", cache_dir=str(tmp_path / "cache"))
+    rows = [r for split in prefs.values() for r in split if r["pair_id"] == history[0][2]]
+    assert [(r["choice"], r["chosen"][0]["content"]) for r in rows] == [("left", kleft)]
 
 
 def test_admin_tab_is_shown_to_admins_only(browser, app):
