@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from collector.prompts import PromptError, PromptQueue, check_prompt
+from collector.prompts import PromptError, PromptQueue, check_conversation, check_prompt
 from collector.sampling import PairStream, SamplingParams
 from collector.serving import Serving
 from storage.errors import UserError, VoteRejected
@@ -125,12 +125,16 @@ class AnnotateConfig:
     guidelines: str = ""  # the text of --guidelines (Markdown); "" for none
 
 
-def shown(pair_id: str, prompt: str, answers: tuple[str, str], finish_reasons: tuple[str, str]) -> dict[str, Any]:
-    """A finished pair as the UI and `/next_pair` show it. ``cut_left`` / ``cut_right``: that answer
-    stopped at the token limit (vLLM's finish reason "length"), not where the model ended it, so an
-    annotator can tell an unfinished answer from a complete one."""
-    return {"pair_id": pair_id, "prompt": prompt, "left": answers[0], "right": answers[1],
-            "cut_left": finish_reasons[0] == "length", "cut_right": finish_reasons[1] == "length", "done": True}
+def shown(pair_id: str, messages: list[dict[str, str]], answers: tuple[str, str],
+          finish_reasons: tuple[str, str]) -> dict[str, Any]:
+    """A finished pair as the UI and `/next_pair` show it: ``prompt`` is the user's last message,
+    ``history`` the conversation before it (a system prompt, earlier turns; empty for a single
+    message). ``cut_left`` / ``cut_right``: that answer stopped at the token limit (vLLM's finish
+    reason "length"), not where the model ended it, so an annotator can tell an unfinished answer
+    from a complete one."""
+    return {"pair_id": pair_id, "prompt": messages[-1]["content"], "history": messages[:-1], "left": answers[0],
+            "right": answers[1], "cut_left": finish_reasons[0] == "length",
+            "cut_right": finish_reasons[1] == "length", "done": True}
 
 
 class Annotation:
@@ -161,8 +165,9 @@ class Annotation:
         return sides[0], sides[1]
 
     def stream_pair(self, annotator: str, prompt: str | None = None) -> Iterator[dict[str, Any]]:
-        """Yield ``{"prompt", "left", "right", "done": False}`` while streaming, then the stored pair
-        as ``shown`` gives it: its ``pair_id``, ``cut_left`` / ``cut_right`` and ``done: True``."""
+        """Yield ``{"prompt", "history", "left", "right", "done": False}`` while streaming, then the
+        stored pair as ``shown`` gives it: its ``pair_id``, ``cut_left`` / ``cut_right`` and
+        ``done: True``."""
         if not annotator:
             raise PermissionError("log in first")
         self.limiter.check(annotator)
@@ -170,20 +175,50 @@ class Annotation:
         if typed is None and (repeat := self._repeat(annotator)) is not None:
             yield repeat  # a pair shown again needs no generation
             return
+        if typed is not None:
+            messages: list[dict[str, str]] | None = [{"role": "user", "content": typed}]
+        else:
+            messages = None  # the queue's next, picked once a generation slot is free
+        yield from self._generate(annotator, messages)
+
+    def follow_up(self, annotator: str, pair_id: str | None, text: str | None) -> Iterator[dict[str, Any]]:
+        """Continue a conversation from the answer this annotator chose on ``pair_id`` with their
+        message: a new pair whose prompt is the conversation so far, the chosen answer and the
+        message (theirs alone until an admin shares it, as a typed prompt is)."""
+        if not annotator:
+            raise PermissionError("log in first")
+        self.limiter.check(annotator)
+        pair = self.store.get_pair(pair_id) if pair_id else None
+        if pair is None or pair.annotator != annotator:
+            raise VoteRejected("vote on a pair first, then follow up on the answer you chose")
+        choice = self.store.current_choice(pair.pair_id)
+        if choice not in ("left", "right"):
+            raise VoteRejected("pick the better answer (A or B) to follow up on it" if choice else
+                               "vote on this pair first, then follow up on the answer you chose")
+        message = check_prompt(text, self.config.max_prompt_chars)
+        chosen = pair.answer_left if choice == "left" else pair.answer_right
+        conversation = check_conversation([*pair.messages, {"role": "assistant", "content": chosen},
+                                           {"role": "user", "content": message}])
+        yield from self._generate(annotator, conversation, source="follow-up")
+
+    def _generate(self, annotator: str, messages: list[dict[str, str]] | None,
+                  source: str = "annotator") -> Iterator[dict[str, Any]]:
+        """Sample a pair for ``messages`` (None: the queue's next prompt) in a generation slot,
+        streaming, then store it and yield it as ``shown`` gives it."""
         # The slot first: a request that will be told "busy" costs no database work.
         with self.gate.slot():
-            if typed is not None:
-                text, prompt_id = typed, self.store.prompt_id(typed, owner=annotator)  # theirs until shared
+            if messages is not None:
+                prompt_id = self.store.prompt_id(messages, source=source, owner=annotator)  # theirs until shared
             else:
                 picked = self.queue.next_for(annotator)
                 if picked is None:
                     raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
-                prompt_id, text = picked
-            messages = [{"role": "user", "content": text}]
+                prompt_id, messages = picked
             stream = PairStream(self.serving.engine, messages, self.config.sampling, model=self.serving.current,
                                 models=self.arena_models())
             for left, right in stream:
-                yield {"prompt": text, "left": left, "right": right, "done": False}
+                yield {"prompt": messages[-1]["content"], "history": messages[:-1], "left": left, "right": right,
+                       "done": False}
         pair = stream.pair
         assert pair is not None
         pair_id = self.store.issue_pair(
@@ -193,7 +228,7 @@ class Annotation:
             params=pair.params, timings=pair.timings(), finish_reasons=pair.finish_reasons,
         )
         logger.info("pair %s issued to %s (model %s, seed %d)", pair_id, annotator, pair.models[0], pair.seed)
-        yield shown(pair_id, text, pair.answers, pair.finish_reasons)
+        yield shown(pair_id, messages, pair.answers, pair.finish_reasons)
 
     def _repeat(self, annotator: str) -> dict[str, Any] | None:
         if self.config.repeat_rate <= 0 or self.rng.random() >= self.config.repeat_rate:
@@ -205,7 +240,7 @@ class Annotation:
         pair = self.store.get_pair(pair_id)
         assert pair is not None
         logger.info("pair %s issued to %s: a repeat of %s", pair_id, annotator, original)
-        return shown(pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+        return shown(pair_id, pair.messages, (pair.answer_left, pair.answer_right),
                      pair.finish_reasons)
 
     def resume(self, annotator: str) -> dict[str, Any] | None:
@@ -213,7 +248,7 @@ class Annotation:
         pair = self.store.open_pair(annotator)
         if pair is None:
             return None
-        return shown(pair.pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+        return shown(pair.pair_id, pair.messages, (pair.answer_left, pair.answer_right),
                      pair.finish_reasons)
 
     def skip(self, annotator: str, pair_id: str | None) -> None:
@@ -222,6 +257,11 @@ class Annotation:
 
     def next_pair(self, annotator: str, prompt: str | None = None) -> dict[str, Any]:
         *_, last = self.stream_pair(annotator, prompt)
+        last.pop("done", None)
+        return last
+
+    def next_follow_up(self, annotator: str, pair_id: str | None, text: str | None) -> dict[str, Any]:
+        *_, last = self.follow_up(annotator, pair_id, text)
         last.pop("done", None)
         return last
 
@@ -239,7 +279,7 @@ class Annotation:
         pair = self.store.get_pair(pair_id) if pair_id else None
         if pair is None or pair.annotator != annotator:
             raise VoteRejected("there is no vote of yours to change here; vote on a pair first")
-        view = shown(pair.pair_id, pair.messages[-1]["content"], (pair.answer_left, pair.answer_right),
+        view = shown(pair.pair_id, pair.messages, (pair.answer_left, pair.answer_right),
                      pair.finish_reasons)
         view["voted"] = self.store.current_choice(pair.pair_id)
         return view

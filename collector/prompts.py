@@ -1,5 +1,9 @@
 """Which prompt an annotator sees next: least-voted first, never the same prompt twice to one
-person; prompts voted "both bad" count for less, so they come back to be sampled again."""
+person; prompts voted "both bad" count for less, so they come back to be sampled again.
+
+A prompt is a user's message or a whole conversation ending with one (a system prompt, earlier
+turns): chat datasets and JSONL files keep their conversations, and an annotator's follow-up on
+an answer makes a new one."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import random
 from pathlib import Path
 
 from storage.errors import UserError
-from storage.votes import VoteStore
+from storage.votes import Prompt, VoteStore, prompt_messages
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,54 @@ def check_prompt(text: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     return text
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from a text file (one per line, # comments) or a JSONL file with a "prompt" field."""
+ROLES = ("system", "user", "assistant")
+MAX_TURNS = 40
+
+
+def check_conversation(messages: object, max_chars: int = 4 * MAX_PROMPT_CHARS) -> list[dict[str, str]]:
+    """A conversation to answer, normalised, or PromptError with the reason: chat messages with a
+    role (system first, if any; user and assistant after) and text, ending with the user's."""
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("a conversation is a non-empty list of messages")
+    if len(messages) > MAX_TURNS:
+        raise PromptError(f"the conversation has {len(messages)} messages; the limit is {MAX_TURNS}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PromptError(f"message {i + 1}: expected a role ({', '.join(ROLES)}) and text content")
+        if m["role"] == "system" and i:
+            raise PromptError(f"message {i + 1}: a system message may only come first")
+        if "\x00" in m["content"]:
+            raise PromptError(f"message {i + 1} contains NUL bytes (\\x00)")
+        out.append({"role": m["role"], "content": m["content"].strip()})
+    if out[-1]["role"] != "user" or not out[-1]["content"]:
+        raise PromptError("a conversation must end with the user's message")
+    total = sum(len(m["content"]) for m in out)
+    if total > max_chars:
+        raise PromptError(f"the conversation has {total:,} characters; the limit is {max_chars:,}")
+    return out
+
+
+def conversation_prompt(messages: object) -> Prompt | None:
+    """The prompt in a dataset's chat messages: everything up to and including the last user
+    message (the answers after it are the dataset's, not ours); None when there is none usable."""
+    if not isinstance(messages, list):
+        return None
+    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), default=None)
+    if last is None:
+        return None
+    try:
+        conversation = check_conversation(messages[: last + 1])
+    except PromptError:
+        return None
+    if len(conversation[-1]["content"]) > MAX_PROMPT_CHARS:
+        return None
+    return conversation[0]["content"] if len(conversation) == 1 else conversation
+
+
+def read_prompt_file(path: Path) -> list[Prompt]:
+    """Prompts from a text file (one per line, # comments) or a JSONL file: a "prompt" field with
+    a text or a list of chat messages (a conversation), or a "messages" field (chat messages)."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompts file {path} not found")
@@ -47,9 +97,24 @@ def read_prompt_file(path: Path) -> list[str]:
             continue
         if path.suffix == ".jsonl":
             try:
-                line = json.loads(line)["prompt"]
+                row = json.loads(line)
+                value = row["prompt"] if "prompt" in row else row["messages"]
             except (ValueError, KeyError, TypeError) as e:
-                raise PromptError(f"{path}:{n}: expected a JSON object with a 'prompt' field ({e})") from e
+                raise PromptError(f"{path}:{n}: expected a JSON object with a 'prompt' or 'messages' field ({e})"
+                                  ) from e
+            if isinstance(value, list):
+                if "prompt" not in row:  # a chat log: the conversation up to its last user message
+                    last = max((i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user"),
+                               default=len(value) - 1)
+                    value = value[: last + 1]
+                try:
+                    value = check_conversation(value)
+                except PromptError as e:
+                    raise PromptError(f"{path}:{n}: {e}") from None
+                value = value[0]["content"] if len(value) == 1 else value
+            if not isinstance(value, str | list) or not value:
+                raise PromptError(f"{path}:{n}: the prompt must be text or a list of chat messages")
+            line = value
         out.append(line)
     return out
 
@@ -57,9 +122,10 @@ def read_prompt_file(path: Path) -> list[str]:
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-def read_prompt_dataset(source: str, column: str = "prompt", split: str = "train", limit: int = 10_000) -> list[str]:
+def read_prompt_dataset(source: str, column: str = "prompt", split: str = "train",
+                        limit: int = 10_000) -> list[Prompt]:
     """Prompts from a column of a dataset: a local parquet/json/csv file or folder, or a Hub id.
-    A column of chat messages gives its first user message."""
+    A column of chat messages gives the conversation up to its last user message."""
     from storage.importer import load_any
 
     local = Path(source)
@@ -75,9 +141,11 @@ def read_prompt_dataset(source: str, column: str = "prompt", split: str = "train
         raise PromptError(f"{source} has no column {column!r}; its columns: {', '.join(ds.column_names)}")
     out = []
     for value in ds.select(range(min(limit, len(ds))))[column]:
-        if isinstance(value, list):  # chat messages
-            value = next((m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None)
-        if isinstance(value, str) and value.strip() and "\x00" not in value and len(value) <= MAX_PROMPT_CHARS:
+        if isinstance(value, list):  # chat messages: the whole conversation
+            value = conversation_prompt(value)
+            if value is not None:
+                out.append(value)
+        elif isinstance(value, str) and value.strip() and "\x00" not in value and len(value) <= MAX_PROMPT_CHARS:
             out.append(value.strip())
     if not out:
         raise PromptError(f"{source}: column {column!r} has no usable prompt (text up to {MAX_PROMPT_CHARS} chars)")
@@ -106,8 +174,9 @@ class PromptQueue:
         logger.info("prompts: %d read from %s column %s, %d new", len(texts), source, column, added)
         return added
 
-    def next_for(self, annotator: str) -> tuple[int, str] | None:
-        """The least-voted prompt this annotator has not seen, ties broken at random."""
+    def next_for(self, annotator: str) -> tuple[int, list[dict[str, str]]] | None:
+        """The least-voted prompt this annotator has not seen, ties broken at random: its id and
+        its chat messages."""
         seen = self.store.prompts_seen_by(annotator)
         candidates = [r for r in self.store.prompt_stats() if r["id"] not in seen]
         if not candidates:
@@ -116,4 +185,4 @@ class PromptQueue:
         score = {r["id"]: r["votes"] - (r["both_bad"] or 0) for r in candidates}
         low = min(score.values())
         pick = self.rng.choice([r for r in candidates if score[r["id"]] == low])
-        return pick["id"], pick["text"]
+        return pick["id"], prompt_messages(pick["text"], pick["messages"])

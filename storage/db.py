@@ -231,10 +231,17 @@ def m0009_votes_can_be_superseded(conn: sqlite3.Connection) -> None:
     )
 
 
+def m0010_conversation_prompts(conn: sqlite3.Connection) -> None:
+    # A prompt may be a conversation (a system prompt, earlier turns, the user's last message):
+    # its messages as JSON, NULL for a single user message (the text alone). Its text is then the
+    # canonical JSON of the messages, so a conversation is known once, like a text.
+    _run(conn, "ALTER TABLE prompts ADD COLUMN messages TEXT;")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
     m0006_people_private_prompts_round_votes, m0007_published_rounds, m0008_guidelines_and_reasons,
-    m0009_votes_can_be_superseded,
+    m0009_votes_can_be_superseded, m0010_conversation_prompts,
 ]
 
 

@@ -52,6 +52,25 @@ class Choice(StrEnum):
 ANNOTATOR_SALT_ENV = "PREFLOOP_ANNOTATOR_SALT"
 SALT_KEY = "annotator_salt"
 
+Prompt = str | list[dict[str, str]]  # a user's message, or a conversation ending with one
+
+
+def prompt_row(prompt: Prompt) -> tuple[str, str | None]:
+    """(text, messages JSON) as the prompts table keeps them: a text, or a single user message,
+    as its text; a longer conversation as its canonical JSON in both (it is known once)."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return prompt[0]["content"], None
+    canonical = json.dumps([{"role": m["role"], "content": m["content"]} for m in prompt], ensure_ascii=False)
+    return canonical, canonical
+
+
+def prompt_messages(text: str, messages: str | None) -> list[dict[str, str]]:
+    """A prompts row as chat messages."""
+    return json.loads(messages) if messages else [{"role": "user", "content": text}]
+
+
 USABLE_SQL = (" AND v.choice != 'both_bad' AND p.repeat_of IS NULL"
               " AND v.annotator NOT IN (SELECT annotator FROM excluded_annotators)")
 
@@ -202,15 +221,15 @@ class VoteStore:
 
     # -- prompts -------------------------------------------------------------------------
 
-    def add_prompts(self, texts: list[str], source: str) -> int:
-        """Insert prompts not already known; returns how many were new."""
+    def add_prompts(self, prompts: list[Prompt], source: str) -> int:
+        """Insert prompts (texts or conversations) not already known; returns how many were new."""
         now = time.time()
         with self._conn() as conn:
             conn.execute("BEGIN IMMEDIATE")
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO prompts(text, source, created_at) VALUES (?, ?, ?)",
-                [(t, source, now) for t in texts],
+                "INSERT OR IGNORE INTO prompts(text, messages, source, created_at) VALUES (?, ?, ?, ?)",
+                [(*prompt_row(p), source, now) for p in prompts],
             )
             conn.execute("COMMIT")
             return conn.total_changes - before
@@ -220,7 +239,7 @@ class VoteStore:
         annotator typed are theirs alone until an admin shares them)."""
         with self._conn() as conn:
             return conn.execute(
-                """SELECT p.id, p.text, p.source,
+                """SELECT p.id, p.text, p.messages, p.source,
                           COUNT(v.id) AS votes,
                           SUM(CASE WHEN v.choice = 'both_bad' THEN 1 ELSE 0 END) AS both_bad
                    FROM prompts p
@@ -233,8 +252,11 @@ class VoteStore:
     def private_prompts(self) -> list[dict[str, Any]]:
         """Prompts typed by annotators and not shared: id, text, owner, created_at; newest first."""
         with self._conn() as conn:
-            return [dict(r) for r in conn.execute(
-                "SELECT id, text, owner, created_at FROM prompts WHERE owner IS NOT NULL ORDER BY id DESC")]
+            rows = [dict(r) for r in conn.execute(
+                "SELECT id, text, messages, owner, created_at FROM prompts WHERE owner IS NOT NULL ORDER BY id DESC")]
+        for r in rows:  # a conversation is shown by its last message
+            r["text"] = prompt_messages(r["text"], r.pop("messages"))[-1]["content"]
+        return rows
 
     def share_prompt(self, prompt_id: int, by: str) -> bool:
         """Move a typed prompt into the shared pool (an admin's decision); False if it was not private."""
@@ -253,14 +275,15 @@ class VoteStore:
             ).fetchall()
         return {r[0] for r in rows}
 
-    def prompt_id(self, text: str, source: str = "annotator", owner: str | None = None) -> int:
-        """The id of a prompt, inserting it if new. A prompt typed by an annotator is inserted as
-        theirs (``owner``): the queue never serves it to anyone else. A text already known keeps
-        its row (a prompt of the shared pool stays shared)."""
+    def prompt_id(self, prompt: Prompt, source: str = "annotator", owner: str | None = None) -> int:
+        """The id of a prompt (a text or a conversation), inserting it if new. A prompt typed by an
+        annotator is inserted as theirs (``owner``): the queue never serves it to anyone else. A
+        prompt already known keeps its row (a prompt of the shared pool stays shared)."""
+        text, messages = prompt_row(prompt)
         with self._conn() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO prompts(text, source, created_at, owner) VALUES (?, ?, ?, ?)",
-                (text, source, time.time(), owner),
+                "INSERT OR IGNORE INTO prompts(text, messages, source, created_at, owner) VALUES (?, ?, ?, ?, ?)",
+                (text, messages, source, time.time(), owner),
             )
             return conn.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
 

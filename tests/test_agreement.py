@@ -112,6 +112,7 @@ def test_prompts_come_from_a_dataset_column_of_text_or_messages(tmp_path):
     from datasets import Dataset
 
     from collector.prompts import PromptError
+    from storage.votes import prompt_messages
 
     Dataset.from_list([
         {"prompt": "Plain text prompt?", "messages": [{"role": "system", "content": "Be brief."},
@@ -122,8 +123,9 @@ def test_prompts_come_from_a_dataset_column_of_text_or_messages(tmp_path):
     queue = PromptQueue(store)
     assert queue.load(str(tmp_path / "prompts.parquet")) == 1  # the 5,000-character one is left out
     assert queue.load(str(tmp_path / "prompts.parquet"), column="messages") == 2
-    texts = {r["text"] for r in store.prompt_stats()}
-    assert texts == {"Plain text prompt?", "Chat prompt?", "Second chat prompt?"}
+    conversations = [prompt_messages(r["text"], r["messages"]) for r in store.prompt_stats()]
+    assert {c[-1]["content"] for c in conversations} == {"Plain text prompt?", "Chat prompt?", "Second chat prompt?"}
+    assert [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Chat prompt?"}] in conversations
     with pytest.raises(PromptError, match="no column 'question'; its columns: prompt, messages"):
         queue.load(str(tmp_path / "prompts.parquet"), column="question")
     assert queue.load(None) == 211  # the bundled file

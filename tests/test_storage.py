@@ -199,7 +199,7 @@ def test_typed_prompts_are_never_served_or_repeated_to_anyone_else_until_shared(
                            answer_left="L", answer_right="R", model_left="base", model_right="base", seed=1,
                            params={}, timings={})
     store.record_vote(pid, "carol", "left")
-    seen = {queue.next_for(f"person{i}")[1] for i in range(20)}
+    seen = {queue.next_for(f"person{i}")[1][-1]["content"] for i in range(20)}
     assert seen == {"a shared one"}  # never carol's
     assert store.repeat_candidate("dave") is None  # her voted pair is not shown again to others
     assert store.repeat_candidate("carol") == pid  # but may be to her

@@ -1,4 +1,4 @@
-"""The Annotate tab and the `/next_pair`, `/vote` API endpoints (same checks for both)."""
+"""The Annotate tab and the `/next_pair`, `/vote`, `/follow_up` API endpoints (same checks for both)."""
 
 import html
 from collections.abc import Iterator
@@ -71,8 +71,16 @@ def answer_html(text: str, cut: bool = False) -> str:
     return f'<div class="pl-text">{render(text)}{note}</div>'
 
 
-def prompt_html(text: str) -> str:
-    return f'<div class="pl-text"><p><strong>Prompt:</strong></p>{render(text)}</div>'
+ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def prompt_html(text: str, history: list[dict[str, str]] | None = None) -> str:
+    """The prompt, with the conversation before it (a system prompt, earlier turns) above it:
+    every message through ui.render, like the answers."""
+    turns = "".join(f'<div class="pl-turn pl-{html.escape(m["role"])}"><p><strong>'
+                    f'{ROLE_LABELS.get(m["role"], "Message")}:</strong></p>{render(m["content"])}</div>'
+                    for m in history or [])
+    return f'<div class="pl-text">{turns}<p><strong>Prompt:</strong></p>{render(text)}</div>'
 
 
 def _html(elem_id: str, value: str = "") -> gr.HTML:
@@ -92,7 +100,8 @@ def _buttons(enabled: bool) -> dict[str, Any]:
 
 def _shown(svc: Annotation, upd: dict[str, Any], user: str) -> dict[str, Any]:
     """A finished pair: both answers, its id, the vote buttons on, the counts; the prompt box cleared."""
-    return {"prompt": prompt_html(upd["prompt"]), "left": answer_html(upd["left"], upd["cut_left"]),
+    return {"prompt": prompt_html(upd["prompt"], upd.get("history")),
+            "left": answer_html(upd["left"], upd["cut_left"]),
             "right": answer_html(upd["right"], upd["cut_right"]), "pair_id": upd["pair_id"],
             **_buttons(True), "status": _counts_md(svc, user), "own": ""}
 
@@ -109,19 +118,31 @@ def _blocked(message: str) -> dict[str, Any]:
             "own": gr.skip()}
 
 
-def load_pair(svc: Annotation, access: Access, own_text: str, request: Any) -> Iterator[dict[str, Any]]:
-    """A new pair (from the queue, or for the annotator's own prompt), streamed as it generates."""
-    user = _user(access, request)
+def _streamed(svc: Annotation, user: str, updates: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     try:
-        for upd in svc.stream_pair(user, own_text or None):
+        for upd in updates:
             if upd["done"]:
                 yield _shown(svc, upd, user)
             else:
-                yield {"prompt": prompt_html(upd["prompt"]), "left": answer_html(upd["left"]),
+                yield {"prompt": prompt_html(upd["prompt"], upd.get("history")), "left": answer_html(upd["left"]),
                        "right": answer_html(upd["right"]), "pair_id": None, **_buttons(False),
                        "status": gr.skip(), "own": gr.skip()}
     except USER_ERRORS as e:
         raise refused(str(e)) from None
+
+
+def load_pair(svc: Annotation, access: Access, own_text: str, request: Any) -> Iterator[dict[str, Any]]:
+    """A new pair (from the queue, or for the annotator's own prompt), streamed as it generates."""
+    user = _user(access, request)
+    yield from _streamed(svc, user, svc.stream_pair(user, own_text or None))
+
+
+def follow_up_pair(svc: Annotation, access: Access, last: str | None, text: str,
+                   request: Any) -> Iterator[dict[str, Any]]:
+    """A new pair that continues the conversation of the pair voted last from the answer chosen
+    there, with the annotator's message, streamed as it generates."""
+    user = _user(access, request)
+    yield from _streamed(svc, user, svc.follow_up(user, last, text))
 
 
 def first_pair(svc: Annotation, access: Access, request: Any) -> Iterator[dict[str, Any]]:
@@ -190,6 +211,14 @@ def api_next_pair(svc: Annotation, access: Access, prompt: str, request: Any) ->
         raise refused(str(e)) from None
 
 
+def api_follow_up(svc: Annotation, access: Access, pair_id: str, message: str, request: Any) -> dict[str, Any]:
+    user = _user(access, request)
+    try:
+        return svc.next_follow_up(user, pair_id, message)
+    except USER_ERRORS as e:
+        raise refused(str(e)) from None
+
+
 async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, reason: str | None,
                    request: Any) -> dict[str, Any]:
     user = _user(access, request)
@@ -226,6 +255,10 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     c["reason"] = gr.Textbox(label="Why? (optional: a few words kept with your vote)", lines=1,
                              max_length=MAX_REASON_CHARS, elem_id="reason")
     c["status"] = gr.Markdown(elem_id="status")
+    with gr.Accordion("Follow up on the answer you chose (after an A or B vote)", open=False):
+        c["follow"] = gr.Textbox(label="Your next message", lines=2, elem_id="follow-up",
+                                 max_length=svc.config.max_prompt_chars)
+        follow_btn = gr.Button("Continue the conversation", elem_id="follow-up-go")
     with gr.Accordion("Write your own prompt", open=False):
         c["own"] = gr.Textbox(label="Your prompt", lines=3, elem_id="own-prompt")
         own_btn = gr.Button("Get two answers", elem_id="own-prompt-go")
@@ -264,6 +297,13 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
     # Generation events have no per-event limit: the service's GenerationGate bounds them all together.
     skip.click(on_skip, [c["pair_id"]], pair_outputs, api_name="ui_skip", api_visibility="private",
                trigger_mode="once", concurrency_limit=None)
+    def on_follow_up(last: str | None, text: str, request: gr.Request):
+        for i, view in enumerate(follow_up_pair(svc, access, last, text, request)):
+            yield {**keyed(view), c["follow"]: ""} if i == 0 else keyed(view)
+
+    follow_btn.click(on_follow_up, [c["last"], c["follow"]], [*pair_outputs, c["follow"]], api_name="ui_follow_up",
+                     api_visibility="private", trigger_mode="once", concurrency_limit=None)
+
     def on_change(last: str | None, request: gr.Request):
         return keyed(change_vote(svc, access, last, request))
 
@@ -287,5 +327,11 @@ def build_api(svc: Annotation, access: Access) -> None:
         """Record a vote on a pair issued to you (left, right, tie or both_bad), with an optional reason."""
         return await api_vote(svc, access, pair_id, choice, reason, request)
 
+    def follow_up(pair_id: str, message: str, request: gr.Request) -> dict:
+        """Continue from the answer you chose on a pair you voted A or B on: a new pair whose prompt
+        is that conversation, the chosen answer and your message (``history`` holds the turns)."""
+        return api_follow_up(svc, access, pair_id, message, request)
+
     gr.api(next_pair, api_name="next_pair", concurrency_limit=None)
+    gr.api(follow_up, api_name="follow_up", concurrency_limit=None)
     gr.api(vote, api_name="vote", concurrency_limit=None)
