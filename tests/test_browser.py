@@ -123,3 +123,33 @@ def test_admin_starts_a_round_and_watches_it_to_the_end_with_plots(browser, app,
     page.set_viewport_size({"width": 1280, "height": 2200})
     page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
     page.close()
+
+
+def test_a_follow_up_shows_the_conversation_and_asks_it_whole(browser, app):
+    import json
+    import re
+
+    page = login(browser, app, "bob")
+    shown_pair(page)
+    page.click("#vote-a")
+    page.wait_for_selector("#status:has-text('recorded')", timeout=60_000)
+    with sqlite3.connect(app.data_dir / "votes.db") as conn:
+        voted, messages, chosen = conn.execute(
+            "SELECT p.id, p.messages, p.answer_left FROM votes v JOIN pairs p ON p.id = v.pair_id "
+            "WHERE v.annotator = 'bob' ORDER BY v.id DESC LIMIT 1").fetchone()
+    page.get_by_text("Follow up on the answer you chose").click()
+    page.locator("#follow-up").locator("textarea").fill("Say that again, shorter.")
+    page.click("#follow-up-go")
+    page.wait_for_function("document.querySelectorAll('#prompt .pl-turn').length === 2", timeout=120_000)
+    shown_pair(page)
+    turns = page.locator("#prompt .pl-turn").all_inner_texts()
+    assert turns[0].startswith("User:") and turns[1].startswith("Assistant:")
+    assert all(w in turns[1] for w in re.findall(r"[A-Za-z]{4,}", chosen)[:3])  # rendered: compare words
+    assert "Say that again, shorter." in page.inner_text("#prompt")
+    with sqlite3.connect(app.data_dir / "votes.db") as conn:
+        latest = json.loads(conn.execute(
+            "SELECT messages FROM pairs WHERE annotator = 'bob' ORDER BY created_at DESC LIMIT 1").fetchone()[0])
+    assert latest == [*json.loads(messages), {"role": "assistant", "content": chosen.strip()},
+                      {"role": "user", "content": "Say that again, shorter."}]
+    assert voted
+    page.close()

@@ -51,6 +51,13 @@ def log(tmp_path):
         ids[i] = (pid, who)
         store.record_vote(pid, who, choices[i % len(choices)], reason="shorter" if i == 4 else None,
                           guideline=version)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                    {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}]
+    pid = store.issue_pair(annotator="dan", prompt_id=store.prompt_id(conversation, source="test"),
+                           messages=conversation, answer_left="Red.", answer_right="Well, there are many colours",
+                           model_left="base", model_right="base", seed=99, params={}, timings={},
+                           finish_reasons=("stop", "length"))
+    store.record_vote(pid, "dan", "left", guideline=version)  # a follow-up: trained with its turns
     changed_pid, changed_who = ids[1]
     store.record_vote(changed_pid, changed_who, "left", guideline=version)  # second thoughts: right -> left
     store.record_vote(store.issue_repeat(ids[0][0], "cat", swap=True), "cat", "right")  # agreement only
@@ -90,6 +97,9 @@ def test_the_exported_preferences_are_what_a_round_trained_and_scored(log, tiny_
     assert ties and len(ties) == 2 * len({p["vote_id"] for p in ties})  # both orderings
     assert all(p["choice"] != "tie" for p in prefs["test"])  # a held-out tie is neither trained nor scored
     assert any(p["rejected_cut"] or p["chosen_cut"] for p in train)
+    assert [p["prompt"] for p in train if p["prompt"][0]["role"] == "system"] == [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}]]
     changed = [p for p in train if p["prompt"][0]["content"] == "Tell me something useful, number 1."]
     assert [p["choice"] for p in changed] == ["left"]  # the changed vote, not the one it replaced
     assert not [p for p in train if p["pair_id"] in {v["pair_id"] for v in store.votes_with_pairs()
@@ -105,7 +115,7 @@ def test_the_votes_config_keeps_every_vote_with_its_notes(log):
     store, tmp = log
     export_all(store, tmp / "export", salt="s")
     votes = load_dataset(str(tmp / "export"), "votes", split="train", cache_dir=str(tmp / "cache"))
-    assert len(votes) == 42  # 40 votes, the replaced one and the repeat: nothing left out of the log
+    assert len(votes) == 43  # 41 votes, the replaced one and the repeat: nothing left out of the log
     by_pair = {}
     for v in votes:
         by_pair.setdefault(v["pair_id"], []).append(v)
@@ -150,7 +160,7 @@ def test_a_repo_written_under_the_older_schema_is_upgraded_and_loads_as_one_tabl
             (local / path).parent.mkdir(parents=True, exist_ok=True)
             (local / path).write_bytes(data)
         votes = load_dataset(str(local), "votes", split="train", cache_dir=str(tmp / "cache"))
-        assert len(votes) == 42 and set(votes.column_names) >= set(ADDED[2])
+        assert len(votes) == 43 and set(votes.column_names) >= set(ADDED[2])
         old_rows = [v for v in votes if v["vote_id"] <= 10]
         assert old_rows and all(v["finish_left"] == "" and v["superseded"] is False for v in old_rows)
         prefs = load_dataset(str(local), "preferences", cache_dir=str(tmp / "cache"))

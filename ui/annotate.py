@@ -287,13 +287,14 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
         return handler
 
     no_own = gr.State("")
+    next_after_vote = []  # a follow-up cancels the next pair still loading, so that neither overwrites the other
     for _, choice, eid, _ in VOTES:
         # Explicit ui_* names keep the public names /next_pair and /vote free for build_api.
-        c[eid].click(
+        next_after_vote.append(c[eid].click(
             on_vote(choice), [c["pair_id"], c["reason"]], vote_outputs, trigger_mode="once",
             api_name=f"ui_vote_{choice}", api_visibility="private", concurrency_limit=None,
         ).success(on_next, [no_own], pair_outputs, api_name=f"ui_next_after_{choice}", api_visibility="private",
-                  concurrency_limit=None)
+                  concurrency_limit=None))
     # Generation events have no per-event limit: the service's GenerationGate bounds them all together.
     skip.click(on_skip, [c["pair_id"]], pair_outputs, api_name="ui_skip", api_visibility="private",
                trigger_mode="once", concurrency_limit=None)
@@ -302,7 +303,7 @@ def build(demo: gr.Blocks, svc: Annotation, access: Access) -> None:
             yield {**keyed(view), c["follow"]: ""} if i == 0 else keyed(view)
 
     follow_btn.click(on_follow_up, [c["last"], c["follow"]], [*pair_outputs, c["follow"]], api_name="ui_follow_up",
-                     api_visibility="private", trigger_mode="once", concurrency_limit=None)
+                     api_visibility="private", trigger_mode="once", concurrency_limit=None, cancels=next_after_vote)
 
     def on_change(last: str | None, request: gr.Request):
         return keyed(change_vote(svc, access, last, request))
