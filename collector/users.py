@@ -54,8 +54,8 @@ def write_private(path: Path, text: str) -> None:
 def check_name(name: str | None) -> str:
     """A person's name as typed by an admin: one line, no ':' (the users file's separator)."""
     name = (name or "").strip()
-    if not name or len(name) > 64 or ":" in name or not name.isprintable():
-        raise UsersError("a name is 1-64 printable characters without ':'")
+    if not name or len(name) > 64 or ":" in name or name.startswith("#") or not name.isprintable():
+        raise UsersError("a name is 1-64 printable characters without ':' (and not starting with '#')")
     return name
 
 
@@ -331,8 +331,14 @@ class Access:
         self._lock = threading.Lock()
         # What admins changed in the Admin tab outlives a restart: it is applied over the flags.
         self.changes: dict[str, dict[str, bool]] = json.loads(store.get_setting(PEOPLE_CHANGES) or "{}")
+        # The admins named at start (--admins, the Space owner) are the operator's: the Admin tab
+        # adds admins beside them and never removes them, so a restart always restores control.
+        self.fixed_admins = frozenset(self.admins)
         for name, on in self.changes.get("admins", {}).items():
-            (self.admins.add if on else self.admins.discard)(name)
+            if on:
+                self.admins.add(name)
+            elif name not in self.fixed_admins:
+                self.admins.discard(name)
         for entry, on in self.changes.get("annotators", {}).items():
             self._allow(entry, on)
         store.sync_admins(self.admins)
@@ -413,7 +419,8 @@ class Access:
     # -- changes from the Admin tab -------------------------------------------------------
 
     def _allow(self, entry: str, on: bool) -> None:
-        names, value = (self.allowed_orgs, entry[4:]) if entry.startswith("org:") else (self.allowed_names, entry)
+        names, value = (self.allowed_orgs, entry[4:].strip()) if entry.startswith("org:") else (self.allowed_names,
+                                                                                             entry.strip())
         (names.add if on else names.discard)(value)
 
     def _remember(self, kind: str, name: str, on: bool) -> None:
@@ -423,11 +430,18 @@ class Access:
     def set_admin(self, name: str, on: bool, by: Person) -> None:
         """Make ``name`` an admin or not, from now on (the next request) and after a restart."""
         name = check_name(name)
-        with self._lock:
-            if not on and name == by.name:
-                raise UsersError("you cannot remove your own admin role; ask another admin")
+        if not self._is_admin(by):
+            raise UsersError("you are no longer an admin")  # removed by another admin meanwhile
+        if not on and self._listed(by, {name}):
+            raise UsersError("you cannot remove your own admin role; ask another admin")
+        with self._lock:  # the checks that two admins acting at once must not both pass
             if not on and name not in self.admins:
                 raise UsersError(f"{name} is not an admin")
+            if not on and name in self.fixed_admins:
+                raise UsersError(f"{name} was made an admin when the app started (--admins); only a restart "
+                                 "without it removes that")
+            if not on and len(self.admins) <= 1:
+                raise UsersError("the last admin cannot be removed")
             if on and self.mode == "password" and self.users is not None and name not in self.users.hashes:
                 raise UsersError(f"{name} is not a user; add them first")
             (self.admins.add if on else self.admins.discard)(name)
@@ -442,14 +456,14 @@ class Access:
         if self.mode == "password":
             if self.users is None:
                 raise UsersError("this app has no users file")
+            if self.changes.get("removed_users", {}).get(name.strip()):
+                # an old login session may still carry the name: a new person never inherits it
+                raise UsersError(f"{name.strip()} was removed; the name is not given out again, choose another")
             password = self.users.add(name, password)
             logger.info("user %s added by %s", name.strip(), by.name)
             return password
         entry = name.strip()
-        if entry.startswith("org:"):
-            check_name(entry[4:])
-        else:
-            check_name(entry)
+        entry = f"org:{check_name(entry[4:])}" if entry.startswith("org:") else check_name(entry)
         with self._lock:
             self._allow(entry, True)
             self._remember("annotators", entry, True)
@@ -468,6 +482,8 @@ class Access:
             if self.users is None:
                 raise UsersError("this app has no users file")
             self.users.remove(name)
+            with self._lock:
+                self._remember("removed_users", name, True)
         else:
             with self._lock:
                 listed = name[4:] in self.allowed_orgs if name.startswith("org:") else name in self.allowed_names

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -119,6 +120,9 @@ class HubSync:
                 logger.info("staged segment %s: %d votes", name, n)
             mark = json.dumps([upto, sorted(self.store.excluded_annotators()), self.heldout_fraction])
             if upto and self.store.get_setting(PREFERENCES_MARK) != mark:
+                # The manifest goes first: a push after a failed export uploads and deletes nothing
+                # of the snapshot rather than delete the last pushed one for a half-written new one.
+                self.snapshot.unlink(missing_ok=True)
                 counts = export_preferences(self.store, self.staged, self.replica_id, self.heldout_fraction)
                 self.staged.mkdir(parents=True, exist_ok=True)
                 tmp = self.snapshot.with_suffix(".tmp")  # which files make this replica's snapshot now
@@ -183,12 +187,16 @@ class HubSync:
             self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private, exist_ok=True)
             remote = set(self.api.list_repo_files(self.repo_id, repo_type="dataset"))
             ops = []
-            for f in files:
+            current = set(json.loads(self.snapshot.read_text())) if self.snapshot.exists() else None
+            for f in list(files):
                 rel = f.relative_to(self.staged).as_posix()
-                if rel not in remote:
+                if rel.startswith("preferences/") and (current is None or rel not in current):
+                    f.unlink()  # a snapshot whose making failed: never pushed, restaged next time
+                    files.remove(f)
+                elif rel not in remote:
                     ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)))
-            if self.snapshot.exists():  # this replica's new snapshot replaces its last one
-                current = set(json.loads(self.snapshot.read_text()))
+            staged = {f.relative_to(self.staged).as_posix() for f in files}
+            if current is not None and current <= staged | remote:  # the new snapshot replaces the last one
                 ops += [CommitOperationDelete(path_in_repo=old) for old in sorted(remote)
                         if old.startswith("preferences/") and old.count("/") == 2
                         and old.rsplit("/", 1)[1].startswith(f"{self.replica_id}-") and old not in current]
@@ -231,7 +239,8 @@ class HubSync:
         ops = []
         for rel in sorted(remote):
             parts = rel.split("/")
-            if len(parts) != 2 or not rel.endswith(".parquet") or rel.endswith(SEGMENT_SUFFIX):
+            if len(parts) != 2 or not rel.endswith(".parquet") or re.search(r"\.v\d+\.parquet$", rel):
+                # a versioned name is current (or newer than this PrefLoop: left alone)
                 continue
             if parts[0] == "votes":
                 local = self.api.hf_hub_download(self.repo_id, rel, repo_type="dataset",

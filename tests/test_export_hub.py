@@ -242,3 +242,36 @@ def test_two_export_folders_of_the_same_name_load_their_own_rows(tmp_path):
         store.record_vote(pid, "alice", "left")
         export_all(store, tmp_path / run / "export", salt="s")
         assert [r["chosen"][0]["content"] for r in load_rows(str(tmp_path / run / "export"))] == [winner]
+
+
+def test_a_failed_preferences_export_never_deletes_the_last_pushed_snapshot(store, tmp_path, hub, monkeypatch):
+    import storage.hub
+
+    sync = _sync(store, tmp_path, hub, retries=1)
+    assert sync.push() == 3
+    pushed = {p for p in hub.files(REPO) if p.startswith("preferences/")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    _votes(store, ["left"], start=300)
+    hub.fail_before = 1
+    assert sync.push() == 0  # staged (a votes segment, a new snapshot), not pushed
+    monkeypatch.setattr(storage.hub, "export_preferences", full_disk)
+    _votes(store, ["right"], start=301)
+    assert sync.push() == 2  # the two votes segments; the half-made snapshot is not pushed...
+    assert "staging failed" in sync.status.last_error
+    assert {p for p in hub.files(REPO) if p.startswith("preferences/")} == pushed and hub.deletes == []  # ...nor lost
+    monkeypatch.undo()
+    assert sync.push() == 2 and hub.deletes == sorted(pushed)  # fixed: the new snapshot replaces the last one
+
+
+def test_the_upgrade_leaves_segments_of_a_newer_schema_alone(store, tmp_path, hub):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub.url, token="hf_stand_in")
+    api.create_repo(REPO, repo_type="dataset", private=True)
+    api.create_commit(REPO, repo_type="dataset", commit_message="a newer PrefLoop", operations=[
+        CommitOperationAdd("votes/20270101T000000-abcd-000001.v3.parquet", b"PAR1 a newer schema")])
+    assert _sync(store, tmp_path, hub).push() == 3
+    assert "votes/20270101T000000-abcd-000001.v3.parquet" in hub.files(REPO) and hub.deletes == []

@@ -51,7 +51,7 @@ def test_an_admin_adds_a_user_who_can_log_in_at_once_and_the_file_keeps_only_has
     assert verify(again.hashes["carol"], password) and verify(again.hashes["alice"], "alice-password")
     with pytest.raises(gr.Error, match="already a user"):
         admin_ui.add_person(team.admin, "carol", "", _request("alice"))
-    for bad in ("", "a:b", "x" * 65, "line\nbreak"):
+    for bad in ("", "a:b", "x" * 65, "line\nbreak", "#comment", "sep\u2028arator"):
         with pytest.raises(gr.Error, match="1-64 printable"):
             admin_ui.add_person(team.admin, bad, "", _request("alice"))
 
@@ -64,6 +64,9 @@ def test_a_removed_user_loses_their_live_session_and_their_login(team):
     assert not team.users.verify("bob", "bob-password") and "bob" not in Users.load(team.path).hashes
     with pytest.raises(gr.Error, match="cannot remove yourself"):
         admin_ui.remove_person(team.admin, "alice", _request("alice"))
+    # the old session still carries the name: a new person never inherits it (nor its votes)
+    with pytest.raises(gr.Error, match="not given out again"):
+        admin_ui.add_person(team.admin, "bob", "", _request("alice"))
 
 
 def test_admin_roles_change_at_once_outlive_a_restart_and_cannot_lock_everyone_out(team):
@@ -77,11 +80,14 @@ def test_admin_roles_change_at_once_outlive_a_restart_and_cannot_lock_everyone_o
         admin_ui.set_admin_role(team.admin, "alice", False, _request("alice"))
     with pytest.raises(gr.Error, match="is an admin"):
         admin_ui.remove_person(team.admin, "bob", _request("alice"))
-    admin_ui.set_admin_role(team.admin, "alice", False, _request("bob"))
+    with pytest.raises(gr.Error, match="when the app started"):  # the operator's admin stays: no lockout
+        admin_ui.set_admin_role(team.admin, "alice", False, _request("bob"))
+    admin_ui.set_admin_role(team.admin, "bob", False, _request("alice"))
     with pytest.raises(PermissionError):
-        team.access.admin(_request("alice"))
+        team.access.admin(_request("bob"))
+    assert team.access.admin(_request("alice")).name == "alice"
     with pytest.raises(gr.Error, match="not a user"):
-        admin_ui.set_admin_role(team.admin, "mallory", True, _request("bob"))
+        admin_ui.set_admin_role(team.admin, "mallory", True, _request("alice"))
 
 
 def test_a_non_admin_changes_nobody(team):
@@ -104,7 +110,7 @@ def test_on_a_space_the_list_of_annotators_changes_at_once_and_outlives_a_restar
         with pytest.raises(PermissionError):
             access.annotator(person)
     admin_ui.add_person(admin, "zoe", None, me)
-    admin_ui.add_person(admin, "org:acme", None, me)
+    admin_ui.add_person(admin, "org: acme", None, me)  # spaces as typed
     assert access.annotator(zoe) == "hf:sub-zoe" and access.annotator(acme) == "hf:sub-kim"
     restarted = Access("hf", store, admins={"me"}, annotators="amy")
     assert restarted.annotator(zoe) == "hf:sub-zoe" and restarted.annotator(acme) == "hf:sub-kim"

@@ -238,8 +238,9 @@ def vote_figures(admin: Admin, last: int, excluded: set[str]) -> dict[str, Any]:
     until the log changes (a new or changed vote moves the largest vote id; an exclusion or a
     round changes the rest of the key): a refresh while nothing changed (every 2 s during a round)
     reads them back. Where computing them took longer than INLINE_FIGURES_S (a large log), a
-    change is recomputed in the background, at most one at a time, and the refresh shows the last
-    figures with the vote they are as of: a refresh never waits on a full pass over the log.
+    change is recomputed in the background, one pass at a time with a rest between passes, and
+    the refresh shows the last figures with the vote they are as of: a refresh never waits on a
+    full pass over the log.
     bench/admin_refresh.py measures both paths."""
     store = admin.store
     key = (store.max_vote_id(), tuple(sorted(excluded)), last)
@@ -253,7 +254,10 @@ def vote_figures(admin: Admin, last: int, excluded: set[str]) -> dict[str, Any]:
             cache["figures"] = _compute_figures(store, key, last)
             cache["seconds"] = time.monotonic() - started
             return cache["figures"]
-        if not cache.get("computing"):
+        # One background pass at a time, and a rest after each (at least 30 s, ten times its own
+        # length), so that a steady stream of votes does not keep the interpreter busy with it.
+        rest = max(30.0, 10 * cache.get("seconds", 0.0))
+        if not cache.get("computing") and time.monotonic() - cache.get("finished", 0.0) >= rest:
             cache["computing"] = True
 
             def compute() -> None:
@@ -266,7 +270,7 @@ def vote_figures(admin: Admin, last: int, excluded: set[str]) -> dict[str, Any]:
                 with admin.figures_lock:
                     if fresh is not None:
                         cache["figures"], cache["seconds"] = fresh, time.monotonic() - started
-                    cache["computing"] = False
+                    cache["computing"], cache["finished"] = False, time.monotonic()  # failures rest too
 
             threading.Thread(target=compute, name="admin-figures", daemon=True).start()
         return current

@@ -1,7 +1,9 @@
 """The Annotate tab and the `/next_pair`, `/vote`, `/follow_up` API endpoints (same checks for both)."""
 
 import html
-from collections.abc import Iterator
+import itertools
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import gradio as gr
@@ -118,9 +120,33 @@ def _blocked(message: str) -> dict[str, Any]:
             "own": gr.skip()}
 
 
-def _streamed(svc: Annotation, user: str, updates: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+_latest: dict[str, int] = {}  # browser session -> the newest pair request it made
+_latest_lock = threading.Lock()
+_requests = itertools.count(1)
+
+
+def _claim(request: Any) -> Callable[[], bool]:
+    """Register a new pair request of this browser session; the returned check says whether it is
+    still the newest. A follow-up sent while the next pair still streams makes that stream stale:
+    it stops (nothing stored) instead of overwriting the follow-up on screen, whichever finishes last."""
+    session = getattr(request, "session_hash", None) or ""
+    mine = next(_requests)
+    with _latest_lock:
+        _latest[session] = mine
+        if len(_latest) > 10_000:  # sessions come and go: forget the oldest
+            for old in sorted(_latest, key=_latest.__getitem__)[:5_000]:
+                del _latest[old]
+    return lambda: _latest.get(session, mine) == mine
+
+
+def _streamed(svc: Annotation, user: str, updates: Iterator[dict[str, Any]],
+              request: Any = None) -> Iterator[dict[str, Any]]:
+    current = _claim(request)
     try:
         for upd in updates:
+            if not current():
+                updates.close()  # a newer request of this session took over the screen
+                return
             if upd["done"]:
                 yield _shown(svc, upd, user)
             else:
@@ -134,7 +160,7 @@ def _streamed(svc: Annotation, user: str, updates: Iterator[dict[str, Any]]) -> 
 def load_pair(svc: Annotation, access: Access, own_text: str, request: Any) -> Iterator[dict[str, Any]]:
     """A new pair (from the queue, or for the annotator's own prompt), streamed as it generates."""
     user = _user(access, request)
-    yield from _streamed(svc, user, svc.stream_pair(user, own_text or None))
+    yield from _streamed(svc, user, svc.stream_pair(user, own_text or None), request)
 
 
 def follow_up_pair(svc: Annotation, access: Access, last: str | None, text: str,
@@ -142,7 +168,7 @@ def follow_up_pair(svc: Annotation, access: Access, last: str | None, text: str,
     """A new pair that continues the conversation of the pair voted last from the answer chosen
     there, with the annotator's message, streamed as it generates."""
     user = _user(access, request)
-    yield from _streamed(svc, user, svc.follow_up(user, last, text))
+    yield from _streamed(svc, user, svc.follow_up(user, last, text), request)
 
 
 def first_pair(svc: Annotation, access: Access, request: Any) -> Iterator[dict[str, Any]]:
