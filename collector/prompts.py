@@ -43,7 +43,12 @@ ROLES = ("system", "user", "assistant")
 MAX_TURNS = 40
 
 
-def check_conversation(messages: object, max_chars: int = 4 * MAX_PROMPT_CHARS) -> list[dict[str, str]]:
+# A whole conversation, in characters: about 1,500 tokens, which leaves room for two answers of
+# the default 256 tokens in the embedded model's 2,048-token context (vLLM refuses a longer one).
+MAX_CONVERSATION_CHARS = 6000
+
+
+def check_conversation(messages: object, max_chars: int = MAX_CONVERSATION_CHARS) -> list[dict[str, str]]:
     """A conversation to answer, normalised, or PromptError with the reason: chat messages with a
     role (system first, if any; user and assistant after) and text, ending with the user's."""
     if not isinstance(messages, list) or not messages:

@@ -34,7 +34,7 @@ def test_a_jsonl_file_keeps_whole_conversations_and_refuses_broken_ones(tmp_path
     for bad, why in ([{"role": "user", "content": "q"}, SYSTEM], "system message may only come first"),\
                     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "end with the user"),\
                     ([{"role": "wizard", "content": "q"}], "expected a role"),\
-                    ([{"role": "user", "content": "x" * 20_000}], "characters; the limit"):
+                    ([{"role": "user", "content": "x" * 6_001}], "characters; the limit"):
         with pytest.raises(PromptError, match=why):
             check_conversation(bad)
         path = tmp_path / "bad.jsonl"
