@@ -23,29 +23,25 @@ from storage.votes import VoteStore
 from tests.conftest import RunningApp
 
 USABLE_VOTES = 48  # the round starts at this many votes it can train on (not both_bad)
-MAX_PAIRS = 200  # a bound on the voting, in case the answers stopped finishing
+MAX_PAIRS = 400  # a bound on the voting, in case the answers stopped finishing
 ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
 # Two answers cut at the limit say nothing about which one is shorter, so the annotator calls them
 # both bad (not trained on) and votes until 48 pairs have a finished answer in them: votes on cut
 # answers judged by characters are noise, and rounds on them won anywhere from 0.69 to 0.92.
-# Every prompt, voted on or held out, asks for a brief answer: SmolLM2 then finishes most answers
-# within the limit (36 of 40 pairs informative, against 2 of 40 for the open questions alone), so
-# nearly every vote teaches something and the loop needs a third of the generation.
 # The floor catches a round that barely moves the policy.
 MIN_WIN_RATE = 0.75
 # One round from the base on ~50 votes trains at 6e-4, not the app's 3e-4 (tuned for rounds of 64
 # and more): at 3e-4 a weak draw barely moves (KL 0.026 nats/token); at 6e-4 the same votes win
 # 0.85 in the same round time, with no repetition on the strongest draw (docs/experiments.md).
 LEARNING_RATE = 6e-4
-BRIEF = "In one or two sentences: "
-HELDOUT = [BRIEF + p for p in [  # not in collector/prompts.txt: the round never saw them
+HELDOUT = [  # not in collector/prompts.txt: the round never saw them
     "Describe your favourite season.", "How do I stay motivated to exercise?", "What makes a good friend?",
     "Explain how a bicycle works.", "Give advice for a first day at a new school.",
     "What is the best way to learn to draw?", "Why do people like music?", "How should I prepare for a long flight?",
     "What are good habits for saving money?", "Tell me about elephants.", "How do I write a good email?",
     "What should I cook for a picnic?",
-]]
+]
 
 
 def prefers(left: str, right: str, cut_left: bool, cut_right: bool) -> str:
@@ -64,11 +60,8 @@ def prefers(left: str, right: str, cut_left: bool, cut_right: bool) -> str:
 def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(engine, smollm2_dir, tmp_path):
     from collector.prompts import BUNDLED, read_prompt_file
 
-    prompts = tmp_path / "brief.txt"
-    prompts.write_text("".join(f"{BRIEF}{p}\n" for p in read_prompt_file(BUNDLED)))
-    assert not set(HELDOUT) & set(read_prompt_file(prompts))
+    assert not set(HELDOUT) & set(read_prompt_file(BUNDLED))
     app = RunningApp(tmp_path / "data", engine, smollm2_dir, users=ANNOTATORS, extra=[
-        "--prompts", str(prompts),
         "--round-every-votes", str(USABLE_VOTES), "--max-tokens", str(MAX_TOKENS), "--arena-rate", "0",
         "--learning-rate", str(LEARNING_RATE)])  # otherwise the default IPO round
     try:
