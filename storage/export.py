@@ -103,10 +103,7 @@ def write_parquet(rows: list[dict[str, Any]], path: Path, features=None) -> None
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if rows or features is None:
-            Dataset.from_list(rows, features=features).to_parquet(tmp)
-        else:  # an empty split keeps its columns, so that load_dataset reads it with the others
-            Dataset.from_dict({name: [] for name in features}, features=features).to_parquet(tmp)
+        Dataset.from_list(rows, features=features).to_parquet(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

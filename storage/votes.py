@@ -516,12 +516,6 @@ class VoteStore:
             return {r[0]: r[1] for r in conn.execute(
                 "SELECT choice, COUNT(*) FROM votes WHERE superseded_by IS NULL GROUP BY choice")}
 
-    def vote_times(self) -> list[tuple[float, str]]:
-        """(time, choice) of every vote, oldest first: the admin's votes-over-time plot."""
-        with self._conn() as conn:
-            return [(r[0], r[1]) for r in conn.execute(
-                "SELECT created_at, choice FROM votes WHERE superseded_by IS NULL ORDER BY id")]
-
     def count_votes_by(self, annotator: str, since_ts: float = 0.0) -> int:
         with self._conn() as conn:
             return conn.execute(

@@ -88,7 +88,7 @@ def test_figures_are_tidy_frames_for_the_plots(tmp_path):
     store = VoteStore(tmp_path / "votes.db")
     for i, c in enumerate(["left", "right", "left"]):
         _voted_pair(store, "alice", c, i)
-    df = figures.votes_over_time(store.vote_times())
+    df = figures.votes_over_time((f["created_at"], f["choice"]) for f in store.vote_facts())
     assert df[df.choice == "all"].votes.tolist() == [1, 2, 3]
     assert df[df.choice == "left"].votes.tolist() == [1, 2]
     many = figures.votes_over_time([(1.7e9 + i, ("left", "right", "tie")[i % 3]) for i in range(100_000)])

@@ -26,6 +26,7 @@ from collector.serving import AdapterRejected, Serving
 from collector.users import Access, Person, UsersError
 from storage.export import export_all
 from storage.hub import HubSync
+from storage.pairs import trainable
 from storage.votes import VoteStore
 from trainer.publish import Publisher
 from trainer.rounds import RoundError, Rounds
@@ -224,11 +225,10 @@ def _compute_figures(store: VoteStore, key: tuple, last: int) -> dict[str, Any]:
     facts = store.vote_facts()
     since = [f for f in facts if f["vote_id"] > last]
     return {
-        "key": key, "started": time.monotonic(),
+        "key": key,
         "rates": win_rates_with_intervals(outcomes_from_votes(facts), anchor="base", samples=100),
         "people": annotator_quality(facts), "by_choice": Counter(f["choice"] for f in facts), "total": len(facts),
-        "since": len(since), "usable": sum(f["choice"] != "both_bad" and not f["repeat_of"] and not f["excluded"]
-                                           for f in since),
+        "since": len(since), "usable": sum(f["choice"] != "both_bad" and trainable(f) for f in since),
         "plot_votes": figures.votes_over_time((f["created_at"], f["choice"]) for f in facts),
     }
 
