@@ -117,6 +117,8 @@ class AnnotateConfig:
                                 "or the base (sides shuffled), for each version's human win rate")
     repeat_rate: float = setting(0.05, help="share of pairs shown again (to the same or another person, sides "
                                  "swapped half the time) to measure agreement; not trained on (0: off)")
+    judge_repeat_rate: float = setting(0.5, help="share of an AI judge's pairs that are pairs people voted on "
+                                       "(sides swapped half the time): judge-people agreement (0: off)")
     max_concurrent_pairs: int | None = setting(None, help="pairs generated at once, for everyone together "
                                                "(default: 8 per vLLM endpoint on CPU, 64 per endpoint on CUDA)")
     max_waiting_pairs: int | None = setting(None, help="requests that may wait for a generation slot; past them "
@@ -231,9 +233,13 @@ class Annotation:
         yield shown(pair_id, messages, pair.answers, pair.finish_reasons)
 
     def _repeat(self, annotator: str) -> dict[str, Any] | None:
-        if self.config.repeat_rate <= 0 or self.rng.random() >= self.config.repeat_rate:
+        """A pair shown again, at ``repeat_rate``; to an AI judge at ``judge_repeat_rate``, and one
+        that people voted on: the Admin tab's judge-people agreement needs such pairs."""
+        judge = self.store.is_judge(annotator)
+        rate = self.config.judge_repeat_rate if judge else self.config.repeat_rate
+        if rate <= 0 or self.rng.random() >= rate:
             return None
-        original = self.store.repeat_candidate(annotator)
+        original = self.store.repeat_candidate(annotator, people_only=judge)
         if original is None:
             return None
         pair_id = self.store.issue_repeat(original, annotator, swap=self.rng.random() < 0.5)
@@ -265,12 +271,14 @@ class Annotation:
         last.pop("done", None)
         return last
 
-    def vote(self, annotator: str, pair_id: str, choice: str, reason: str | None = None) -> dict[str, Any]:
-        """Record a vote, with the guidelines' version in force and the annotator's optional reason."""
+    def vote(self, annotator: str, pair_id: str, choice: str, reason: str | None = None,
+             judge_orders: str | None = None) -> dict[str, Any]:
+        """Record a vote, with the guidelines' version in force and the annotator's optional reason
+        (and a judge account's verdicts in both orders)."""
         if not annotator:
             raise PermissionError("log in first")
         vote_id = self.store.record_vote(pair_id, annotator, Choice.parse(choice), reason=reason,
-                                         guideline=self.guideline_version)
+                                         guideline=self.guideline_version, judge_orders=judge_orders)
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": Choice.parse(choice).value}
 
     def reshow(self, annotator: str, pair_id: str | None) -> dict[str, Any]:

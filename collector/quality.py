@@ -198,3 +198,84 @@ def win_rate_vs_base(rows: Iterable[dict], version: str, samples: int = 200) -> 
     """People's win rate of ``version`` against the base from arena votes: (estimate, 2.5th, 97.5th
     percentile), or None before any arena vote compared them."""
     return win_rates_with_intervals(outcomes_from_votes(rows), anchor="base", samples=samples).get(version)
+
+
+# -- AI judges against people --------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float] | None:
+    """A share k/n with its Wilson score interval (95% by default): sound at small n and at 0 or 1,
+    where the normal approximation is not. None when n is 0."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class JudgeAgreement:
+    """One judge's (or person's) agreement with the other kind, on pairs both voted on (a pair
+    shown again across the two kinds), in the two ways MT-Bench reports it: with ties (left,
+    right and tie as three classes) and without (pairs where both picked a side). Both-bad votes
+    say nothing about the order and are left out. ``inconsistent``: the share of a judge's votes
+    whose two orders disagreed (a tie was stored); ``first_position``: of those, the share where it
+    picked the first answer shown both times (position bias), as (share, low, high)."""
+
+    who: str
+    judge: bool
+    agreed: int = 0
+    compared: int = 0
+    agreed_sided: int = 0
+    compared_sided: int = 0
+    inconsistent: tuple[float, float, float] | None = None
+    first_position: tuple[float, float, float] | None = None
+
+    @property
+    def with_ties(self) -> tuple[float, float, float] | None:
+        return wilson(self.agreed, self.compared)
+
+    @property
+    def without_ties(self) -> tuple[float, float, float] | None:
+        return wilson(self.agreed_sided, self.compared_sided)
+
+    def add(self, mine: str, theirs: str) -> None:
+        if "both_bad" in (mine, theirs):
+            return
+        self.compared += 1
+        self.agreed += mine == theirs
+        if "tie" not in (mine, theirs):
+            self.compared_sided += 1
+            self.agreed_sided += mine == theirs
+
+
+PEOPLE_WITH_PEOPLE = "people with each other"
+
+
+def judge_agreement(rows: Iterable[dict]) -> list[JudgeAgreement]:
+    """Per judge (against every person) and per person (against every judge), from vote rows with
+    their ``judge`` mark (storage.votes.VoteStore.vote_facts); a last row, people with each other
+    on the same footing, for reference. Judges first."""
+    rows = list(rows)
+    judges = {r["annotator"] for r in rows if r.get("judge")}
+    if not judges:
+        return []
+    out: dict[str, JudgeAgreement] = {}
+    between_people = JudgeAgreement(PEOPLE_WITH_PEOPLE, judge=False)
+    for a, ca, b, cb in repeat_judgements(rows):
+        if (a in judges) == (b in judges):
+            if a not in judges and a != b:
+                between_people.add(ca, cb)
+            continue
+        out.setdefault(a, JudgeAgreement(a, a in judges)).add(ca, cb)
+        out.setdefault(b, JudgeAgreement(b, b in judges)).add(cb, ca)
+    for judge in judges:
+        row = out.setdefault(judge, JudgeAgreement(judge, True))
+        orders = [r["judge_orders"].split(",") for r in rows
+                  if r["annotator"] == judge and r.get("judge_orders") and "," in r["judge_orders"]]
+        split = [o for o in orders if o[0] != o[1]]
+        row.inconsistent = wilson(len(split), len(orders))
+        row.first_position = wilson(sum(o == ["left", "right"] for o in split), len(split))
+    ordered = sorted(out.values(), key=lambda x: (not x.judge, x.who))
+    return ordered + ([between_people] if between_people.compared else [])

@@ -238,10 +238,43 @@ def m0010_conversation_prompts(conn: sqlite3.Connection) -> None:
     _run(conn, "ALTER TABLE prompts ADD COLUMN messages TEXT;")
 
 
+def m0011_judges_and_tokens(conn: sqlite3.Connection) -> None:
+    # judges: accounts whose votes are an AI judge's (by annotator key); ``trained``: an admin let
+    # this judge's votes train. votes.judge: cast by a judge (decided by the server when the vote
+    # was written, so a later change of role does not rewrite the log); votes.judge_orders: the
+    # judge's verdicts with the answers in the order shown and swapped, both mapped to the shown
+    # sides ("left,right": it picked the first answer both times). api_tokens: tokens an admin
+    # issued for scripts where there are no passwords, stored as their SHA-256, each bound to one
+    # name. rounds.votes_kind: which votes a round trained on (people, judge, people+judge).
+    _run(
+        conn,
+        """
+        CREATE TABLE judges (
+            name TEXT PRIMARY KEY,
+            trained INTEGER NOT NULL DEFAULT 0,
+            changed_by TEXT NOT NULL,
+            changed_at REAL NOT NULL
+        );
+        ALTER TABLE votes ADD COLUMN judge INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE votes ADD COLUMN judge_orders TEXT;
+        CREATE TABLE api_tokens (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL,
+            used_at REAL
+        );
+        ALTER TABLE rounds ADD COLUMN votes_kind TEXT;
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m0001_initial, m0002_seed_pairs, m0003_pair_skipped, m0004_repeats_and_exclusions, m0005_finish_reasons,
     m0006_people_private_prompts_round_votes, m0007_published_rounds, m0008_guidelines_and_reasons,
-    m0009_votes_can_be_superseded, m0010_conversation_prompts,
+    m0009_votes_can_be_superseded, m0010_conversation_prompts, m0011_judges_and_tokens,
 ]
 
 

@@ -1,11 +1,11 @@
 """Votes -> a Hugging Face dataset folder with two configs.
 
 - ``votes``: the log, one row per vote with its provenance (models, seed, sampling params,
-  latency, why each answer ended), the annotator's reason and guideline version, and whether the
-  vote was superseded by a change or its author excluded when the row was written. Append-only
-  segments named ``<boot id>-<sequence>.v2.parquet``: each app start (boot) writes its own, so
-  replicas never collide; readers dedupe on ``pair_id`` keeping the newest vote (``vote_id`` is
-  unique only within one app's database).
+  latency, why each answer ended), the annotator's reason and guideline version, whether an AI
+  judge cast it, and whether the vote was superseded by a change or its author excluded when the
+  row was written. Append-only segments named ``<boot id>-<sequence>.v3.parquet``: each app
+  start (boot) writes its own, so replicas never collide; readers dedupe on ``pair_id`` keeping
+  the newest vote (``vote_id`` is unique only within one app's database).
 - ``preferences``: exactly the pairs PrefLoop's rounds train on (storage.pairs decides), in
   TRL's conversational format (``prompt``, ``chosen``, ``rejected``) with the cut flags, and the
   held-out slice the gate scores as the ``test`` split. It is derived from the log, so it is a
@@ -31,11 +31,12 @@ from storage.votes import VoteStore
 
 CONFIGS = ("votes", "preferences")
 SPLITS = ("train", "test")
-SCHEMA = 2
+SCHEMA = 3
 SEGMENT_SUFFIX = f".v{SCHEMA}.parquet"
 # columns added by each schema version, with the value a row written before it gets
 ADDED = {2: {"finish_left": "", "finish_right": "", "reason": "", "guideline": "", "superseded": False,
-             "excluded": False}}
+             "excluded": False},
+         3: {"judge": False}}
 
 
 def annotator_id(name: str, salt: str) -> str:
@@ -67,6 +68,7 @@ def vote_rows(rows: list[dict[str, Any]], salt: str) -> list[dict[str, Any]]:
             "guideline": r.get("guideline") or "",
             "superseded": r.get("superseded_by") is not None,
             "excluded": bool(r.get("excluded")),
+            "judge": bool(r.get("judge")),  # an AI judge's vote (trained only where an admin includes it)
         })
     return out
 
@@ -85,10 +87,10 @@ def preference_features():
                      "rejected_model": Value("string")})
 
 
-def preference_splits(rows: list[dict[str, Any]], heldout_fraction: float = HELDOUT_FRACTION
-                      ) -> dict[str, list[dict[str, Any]]]:
+def preference_splits(rows: list[dict[str, Any]], heldout_fraction: float = HELDOUT_FRACTION,
+                      bootstrap_until: int = 0) -> dict[str, list[dict[str, Any]]]:
     """The current votes (oldest first) -> {"train": pairs, "test": held-out pairs}, as trained."""
-    train, test = build_pairs(rows, heldout_fraction)
+    train, test = build_pairs(rows, heldout_fraction, bootstrap_until)
     return {split: [{k: p[k] for k in PREFERENCE_COLUMNS} for p in pairs]
             for split, pairs in (("train", train), ("test", test))}
 
@@ -126,7 +128,7 @@ def export_preferences(store: VoteStore, out: Path, name: str, heldout_fraction:
     only when it has pairs (datasets refuses a split with no rows), named by what it holds, so
     that the same snapshot pushed twice is one file and a new one never overwrites the last.
     Returns pairs per split and the files written (relative to ``out``)."""
-    splits = preference_splits(store.votes_with_pairs(), heldout_fraction)
+    splits = preference_splits(store.votes_with_pairs(), heldout_fraction, store.judge_bootstrap())
     files = []
     for split, rows in splits.items():
         folder = Path(out) / "preferences" / split
@@ -181,7 +183,8 @@ an earlier IPO round), and picked the better one, a tie, or "both are bad".
   messages), `chosen` and `rejected` (one assistant message each), `chosen_cut` / `rejected_cut`
   (the answer was cut at the token limit: train it without the turn end), `vote_id`, `pair_id`,
   `choice`, `chosen_model`, `rejected_model`. A tie is two rows (both orderings); both-bad votes,
-  repeats and votes of people an admin excluded are not here. The `test` split is the held-out
+  repeats, votes of people an admin excluded and an AI judge's votes (unless an admin included
+  that judge, or rounds bootstrap on judges until enough people voted) are not here. The `test` split is the held-out
   slice of prompts the rounds' gate scores (never trained on), listed once a held-out prompt has a
   vote. TRL's `DPOTrainer` reads it as is:
   `load_dataset(REPO, "preferences", split="train")`. Rewritten whole when the votes change.
@@ -190,8 +193,9 @@ an earlier IPO round), and picked the better one, a tie, or "both are bad".
   `choice` (`left` | `right` | `tie` | `both_bad`), `seed`, `sampling_params` (JSON),
   `latency_ms`, `repeat_of` (the `pair_id` of the original when a pair was shown again to measure
   agreement), `finish_left` / `finish_right` (`stop`, `length` = cut, empty = not recorded),
-  `reason` (the annotator's, optional), `guideline` (the version shown), `superseded` and
-  `excluded` (as known when the row was written; see Files).
+  `reason` (the annotator's, optional; a judge's short reason), `guideline` (the version shown),
+  `superseded` and `excluded` (as known when the row was written; see Files), `judge` (an AI
+  judge cast it, through the same API as people).
 
 ## Guidelines
 
@@ -200,7 +204,7 @@ What annotators were told "better" means is in `guidelines/<version>.md`, one fi
 {guidelines}
 ## Files
 
-`votes` segments are immutable parquet files named `<boot id>-<sequence>.v2.parquet`; each app start
+`votes` segments are immutable parquet files named `<boot id>-<sequence>.v3.parquet`; each app start
 writes its own, so several replicas never collide. An annotator may change a vote until a round
 takes it: the change is a new row. Deduplicate on `pair_id` keeping the newest `created_at` for
 the current votes (`vote_id` is unique only within one replica). `preferences` holds one file per

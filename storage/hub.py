@@ -1,6 +1,6 @@
 """Votes -> a Hub dataset repo, with huggingface_hub. SQLite stays the source of truth.
 
-New votes are staged as immutable parquet segments (``votes/<boot id>-<sequence>.v2.parquet``)
+New votes are staged as immutable parquet segments (``votes/<boot id>-<sequence>.v3.parquet``)
 under ``<data-dir>/hub/staged``; a push uploads the staged files the repo does not have yet in one
 commit, then moves them to ``hub/pushed``. A vote segment is never overwritten: names are unique
 per boot, and files already present remotely are skipped, so a push that failed half way can
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from storage.export import (
     CONFIGS,
+    SCHEMA,
     SEGMENT_SUFFIX,
     SPLITS,
     export_preferences,
@@ -239,13 +240,14 @@ class HubSync:
         ops = []
         for rel in sorted(remote):
             parts = rel.split("/")
-            if len(parts) != 2 or not rel.endswith(".parquet") or re.search(r"\.v\d+\.parquet$", rel):
-                # a versioned name is current (or newer than this PrefLoop: left alone)
+            version = re.search(r"\.v(\d+)\.parquet$", rel)
+            if len(parts) != 2 or not rel.endswith(".parquet") or (version and int(version[1]) >= SCHEMA):
+                # current, or newer than this PrefLoop: left alone
                 continue
             if parts[0] == "votes":
                 local = self.api.hf_hub_download(self.repo_id, rel, repo_type="dataset",
                                                  cache_dir=self.staged.parent / "upgrade-cache")
-                new_rel = rel[: -len(".parquet")] + SEGMENT_SUFFIX
+                new_rel = rel[: version.start() if version else -len(".parquet")] + SEGMENT_SUFFIX
                 out = self.staged.parent / "upgraded" / Path(new_rel).name
                 out.parent.mkdir(parents=True, exist_ok=True)
                 pq.write_table(upgrade_votes(pq.read_table(local)), out)

@@ -5,6 +5,9 @@ is exactly what PrefLoop's own rounds train on.
 - The current vote of each pair counts (a changed vote supersedes the old one; the caller passes
   ``VoteStore.votes_with_pairs()``, which returns current votes only).
 - A vote of an excluded person, and a repeat shown to measure agreement, train nothing.
+- An AI judge's vote trains only where an admin included that judge, except while rounds
+  bootstrap on judges (an admin's setting: until N usable votes of people exist, a round trains
+  on the judges' votes alone, as a distilled round 0; then on people's).
 - left / right: one pair. A tie: both orderings (IPO regresses the length-normalised log-ratio gap
   to 1/(2 beta) for each, so the two targets cancel and the optimum for p = 1/2 is a zero margin).
   Both bad: nothing (it says nothing about the order).
@@ -66,21 +69,41 @@ def vote_to_pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def trainable(row: dict[str, Any]) -> bool:
+PEOPLE, JUDGE, PEOPLE_AND_JUDGE = "people", "judge", "people+judge"  # which votes a round trained on
+
+
+def counted(row: dict[str, Any]) -> bool:
     """A repeat measures agreement (its original is already counted); an excluded person's votes
     are kept but not trained on."""
     return not row.get("repeat_of") and not row.get("excluded")
 
 
-def build_pairs(rows: Iterable[dict[str, Any]], heldout_fraction: float = HELDOUT_FRACTION
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def trainable(row: dict[str, Any]) -> bool:
+    """Outside a bootstrap: counted, and a judge's vote only where that judge is included."""
+    return counted(row) and (not row.get("judge") or bool(row.get("judge_trained")))
+
+
+def training_rows(rows: Iterable[dict[str, Any]], bootstrap_until: int = 0
+                  ) -> tuple[list[dict[str, Any]], str]:
+    """The votes a round trains on (every current vote passed in), and their kind: while fewer
+    than ``bootstrap_until`` usable votes of people exist, the judges' votes alone (JUDGE);
+    otherwise the trainable ones (PEOPLE, or PEOPLE_AND_JUDGE where an included judge's are in)."""
+    rows = list(rows)
+    if bootstrap_until > 0:
+        people = sum(1 for r in rows if not r.get("judge") and trainable(r) and r["choice"] != "both_bad")
+        if people < bootstrap_until:
+            return [r for r in rows if r.get("judge") and counted(r)], JUDGE
+    chosen = [r for r in rows if trainable(r)]
+    return chosen, PEOPLE_AND_JUDGE if any(r.get("judge") for r in chosen) else PEOPLE
+
+
+def build_pairs(rows: Iterable[dict[str, Any]], heldout_fraction: float = HELDOUT_FRACTION,
+                bootstrap_until: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Votes (oldest first) -> (train, held-out) pairs, in vote order; a tie's two orderings stay
     together in train, and a held-out tie is in neither."""
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
-    for row in rows:
-        if not trainable(row):
-            continue
+    for row in training_rows(rows, bootstrap_until)[0]:
         pairs = vote_to_pairs(row)
         if not pairs:
             continue

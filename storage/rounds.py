@@ -23,10 +23,12 @@ class RoundLog:
     def __init__(self, store: VoteStore):
         self.store = store
 
-    def start(self, watermark: int, pid: int) -> int:
+    def start(self, watermark: int, pid: int, votes_kind: str | None = None) -> int:
+        """A running round; ``votes_kind``: which votes it trains on (storage.pairs: people, judge,
+        people+judge; "dataset" for a warm start)."""
         with self.store._conn() as conn:
-            cur = conn.execute("INSERT INTO rounds(status, watermark, pid, started_at) VALUES (?, ?, ?, ?)",
-                               (RUNNING, watermark, pid, time.time()))
+            cur = conn.execute("INSERT INTO rounds(status, watermark, pid, started_at, votes_kind) "
+                               "VALUES (?, ?, ?, ?, ?)", (RUNNING, watermark, pid, time.time(), votes_kind))
             return int(cur.lastrowid)
 
     def set_pid(self, round_id: int, pid: int) -> None:

@@ -66,6 +66,12 @@ def prompt_row(prompt: Prompt) -> tuple[str, str | None]:
     return canonical, canonical
 
 
+def token_digest(token: str) -> str:
+    """What is stored for an API token: its SHA-256 (a token is 256 random bits: no slow hash is
+    needed to make guessing it hopeless)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def prompt_messages(text: str, messages: str | None) -> list[dict[str, str]]:
     """A prompts row as chat messages."""
     return json.loads(messages) if messages else [{"role": "user", "content": text}]
@@ -73,6 +79,9 @@ def prompt_messages(text: str, messages: str | None) -> list[dict[str, str]]:
 
 USABLE_SQL = (" AND v.choice != 'both_bad' AND p.repeat_of IS NULL"
               " AND v.annotator NOT IN (SELECT annotator FROM excluded_annotators)")
+# a judge's vote trains only where an admin included that judge (storage.pairs.trainable)
+TRAINED_JUDGE_SQL = " AND (v.judge = 0 OR v.annotator IN (SELECT name FROM judges WHERE trained = 1))"
+JUDGE_BOOTSTRAP = "judge_bootstrap_votes"  # settings key: rounds train on judges until this many people's votes
 
 
 @dataclass(frozen=True)
@@ -333,13 +342,14 @@ class VoteStore:
 
     # -- repeats (agreement) and exclusions ------------------------------------------------
 
-    def repeat_candidate(self, annotator: str) -> str | None:
-        """A random voted pair (not itself a repeat) that ``annotator`` has not been shown again yet."""
+    def repeat_candidate(self, annotator: str, people_only: bool = False) -> str | None:
+        """A random voted pair (not itself a repeat) that ``annotator`` has not been shown again yet;
+        ``people_only``: one a person (not a judge) voted on."""
         with self._conn() as conn:
             row = conn.execute(
-                """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id AND v.superseded_by IS NULL
+                f"""SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id AND v.superseded_by IS NULL
                    LEFT JOIN prompts pr ON pr.id = p.prompt_id
-                   WHERE p.repeat_of IS NULL
+                   WHERE p.repeat_of IS NULL {"AND v.judge = 0" if people_only else ""}
                      AND (pr.owner IS NULL OR pr.owner = ?)
                      AND NOT EXISTS (SELECT 1 FROM pairs r WHERE r.repeat_of = p.id AND r.annotator = ?)
                    ORDER BY RANDOM() LIMIT 1""",
@@ -393,14 +403,22 @@ class VoteStore:
             "UPDATE pairs SET skipped_at = ? WHERE id = ? AND annotator = ?", (time.time(), pair_id, annotator)))
 
     def record_vote(self, pair_id: str, annotator: str, choice: Choice | str, reason: str | None = None,
-                    guideline: str | None = None) -> int:
+                    guideline: str | None = None, judge_orders: str | None = None) -> int:
         """Commit a vote and return its id; replaying the same token returns the same id. ``reason``:
         the annotator's optional words on why (at most MAX_REASON_CHARS); ``guideline``: the version
-        of the guidelines shown when it was cast."""
+        of the guidelines shown when it was cast. A vote of a judge account is marked as a judge's
+        here, from the judges table, whatever the caller says; ``judge_orders`` (a judge's two
+        verdicts, "left,right") is accepted from a judge account only."""
         choice = choice if isinstance(choice, Choice) else Choice.parse(choice)
         reason = (reason or "").strip() or None
         if reason is not None and len(reason) > MAX_REASON_CHARS:
             raise VoteRejected(f"the reason is {len(reason)} characters; keep it under {MAX_REASON_CHARS}")
+        orders = (judge_orders or "").strip() or None
+        if orders is not None:
+            parts = orders.split(",")
+            if len(parts) != 2 or any(Choice.parse(x).value not in ("left", "right", "tie") for x in parts):
+                raise VoteRejected("orders is two verdicts (left, right or tie) separated by a comma, "
+                                   "e.g. 'left,right'")
 
         def write(conn: sqlite3.Connection) -> tuple[int, bool]:  # inside the batch's transaction
             pair = conn.execute("SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)).fetchone()
@@ -420,11 +438,16 @@ class VoteStore:
                                        f"{taken['id']} already; it can no longer change")
                 # The old vote steps aside (kept, marked by the new id below); the new one counts.
                 conn.execute("UPDATE votes SET superseded_by = 0 WHERE id = ?", (existing["id"],))
+            judge = conn.execute("SELECT 1 FROM judges WHERE name = ?", (annotator,)).fetchone() is not None
+            if orders is not None and not judge:
+                raise VoteRejected("only a judge account sends the verdicts of both orders; ask an admin to mark "
+                                   "this account as a judge")
             now = time.time()
             cur = conn.execute(
-                "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at, reason, guideline) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now, reason, guideline),
+                "INSERT INTO votes(pair_id, annotator, choice, latency_ms, created_at, reason, guideline, judge, "
+                "judge_orders) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pair_id, annotator, choice.value, int((now - pair["created_at"]) * 1000), now, reason, guideline,
+                 int(judge), orders),
             )
             if existing is not None:
                 conn.execute("UPDATE votes SET superseded_by = ? WHERE id = ?", (cur.lastrowid, existing["id"]))
@@ -497,8 +520,12 @@ class VoteStore:
 
     def count_votes(self, since: int = 0, usable_only: bool = False) -> int:
         """Votes with id greater than ``since`` (a watermark); ``usable_only``: those a round trains
-        on: not both-bad (it says nothing about the order), not a repeat, not an excluded person's."""
-        extra = USABLE_SQL if usable_only else ""
+        on: not both-bad (it says nothing about the order), not a repeat, not an excluded person's,
+        and a judge's only where the judge is included, or while rounds bootstrap on judges (then
+        judges' only): the rule of storage.pairs.training_rows, in SQL."""
+        extra = ""
+        if usable_only:
+            extra = USABLE_SQL + (" AND v.judge = 1" if self.bootstrapping() else TRAINED_JUDGE_SQL)
         with self._conn() as conn:
             return conn.execute(
                 f"SELECT COUNT(*) FROM votes v JOIN pairs p ON p.id = v.pair_id "
@@ -538,9 +565,11 @@ class VoteStore:
                           v.created_at, p.messages, p.answer_left, p.answer_right,
                           p.model_left, p.model_right, p.seed, p.params, p.repeat_of, p.repeat_swapped,
                           p.finish_left, p.finish_right,
-                          x.annotator IS NOT NULL AS excluded, v.superseded_by, v.reason, v.guideline
+                          x.annotator IS NOT NULL AS excluded, v.superseded_by, v.reason, v.guideline,
+                          v.judge, COALESCE(j.trained, 0) AS judge_trained, v.judge_orders
                    FROM votes v JOIN pairs p ON p.id = v.pair_id
                    LEFT JOIN excluded_annotators x ON x.annotator = v.annotator
+                   LEFT JOIN judges j ON j.name = v.annotator
                    WHERE v.id > ? AND v.id <= ? AND (? OR v.superseded_by IS NULL) ORDER BY v.id""",
                 (after, upto, int(superseded)),
             ).fetchall()
@@ -560,10 +589,92 @@ class VoteStore:
             return [dict(r) for r in conn.execute(
                 """SELECT v.id AS vote_id, v.pair_id, v.annotator, v.choice, v.latency_ms, v.created_at,
                           p.model_left, p.model_right, p.repeat_of, p.repeat_swapped,
-                          x.annotator IS NOT NULL AS excluded
+                          x.annotator IS NOT NULL AS excluded,
+                          v.judge, COALESCE(j.trained, 0) AS judge_trained, v.judge_orders
                    FROM votes v JOIN pairs p ON p.id = v.pair_id
                    LEFT JOIN excluded_annotators x ON x.annotator = v.annotator
+                   LEFT JOIN judges j ON j.name = v.annotator
                    WHERE v.superseded_by IS NULL ORDER BY v.id""")]
+
+    # -- judges and API tokens -------------------------------------------------------------
+
+    def set_judge(self, name: str, judge: bool, by: str, trained: bool = False) -> None:
+        """Mark an account as an AI judge (its votes are a judge's from now on), with whether its
+        votes train; or unmark it (its past votes stay a judge's)."""
+        with self._conn() as conn:
+            if judge:
+                conn.execute("INSERT INTO judges(name, trained, changed_by, changed_at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(name) DO UPDATE SET trained = excluded.trained, "
+                             "changed_by = excluded.changed_by, changed_at = excluded.changed_at",
+                             (name, int(trained), by, time.time()))
+            else:
+                conn.execute("DELETE FROM judges WHERE name = ?", (name,))
+        logger.info("%s %s by %s", name, (f"is a judge ({'trained on' if trained else 'not trained on'})"
+                                          if judge else "is no longer a judge"), by)
+
+    def judges(self) -> dict[str, bool]:
+        """Judge accounts -> whether their votes train."""
+        with self._conn() as conn:
+            return {r[0]: bool(r[1]) for r in conn.execute("SELECT name, trained FROM judges ORDER BY name")}
+
+    def is_judge(self, name: str) -> bool:
+        with self._conn() as conn:
+            return conn.execute("SELECT 1 FROM judges WHERE name = ?", (name,)).fetchone() is not None
+
+    def judge_bootstrap(self) -> int:
+        """Rounds train on judges' votes until this many usable votes of people exist (0: never)."""
+        return int(self.get_setting(JUDGE_BOOTSTRAP, "0") or 0)
+
+    def set_judge_bootstrap(self, votes: int) -> None:
+        if votes < 0:
+            raise StorageError("the bootstrap's number of people's votes is 0 (off) or more")
+        self.set_setting(JUDGE_BOOTSTRAP, str(int(votes)))
+
+    def people_usable_votes(self) -> int:
+        """Current votes of people (not judges) a round could train on."""
+        with self._conn() as conn:
+            return conn.execute("SELECT COUNT(*) FROM votes v JOIN pairs p ON p.id = v.pair_id "
+                                f"WHERE v.superseded_by IS NULL AND v.judge = 0{USABLE_SQL}").fetchone()[0]
+
+    def bootstrapping(self) -> bool:
+        """Whether the next round trains on judges' votes (storage.pairs.training_rows)."""
+        n = self.judge_bootstrap()
+        return n > 0 and self.people_usable_votes() < n
+
+    def issue_token(self, name: str, by: str) -> str:
+        """A new API token for ``name`` (returned once; only its SHA-256 is kept)."""
+        token = "pl_" + secrets.token_urlsafe(32)
+        with self._conn() as conn:
+            conn.execute("INSERT INTO api_tokens(name, digest, created_by, created_at) VALUES (?, ?, ?, ?)",
+                         (name, token_digest(token), by, time.time()))
+        logger.info("API token issued for %s by %s", name, by)
+        return token
+
+    def revoke_tokens(self, name: str, by: str) -> int:
+        """Revoke every live token of ``name``; returns how many."""
+        with self._conn() as conn:
+            n = conn.execute("UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                             (time.time(), name)).rowcount
+        logger.info("%d API tokens of %s revoked by %s", n, name, by)
+        return n
+
+    def token_name(self, token: str) -> str | None:
+        """The name a live token is bound to, or None (unknown or revoked)."""
+        if not token.startswith("pl_") or len(token) > 100:
+            return None
+        with self._conn() as conn:
+            row = conn.execute("SELECT id, name FROM api_tokens WHERE digest = ? AND revoked_at IS NULL",
+                               (token_digest(token),)).fetchone()
+            if row is not None:
+                conn.execute("UPDATE api_tokens SET used_at = ? WHERE id = ?", (time.time(), row["id"]))
+        return None if row is None else row["name"]
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Live tokens, without their secrets: name, who issued it, when, last used."""
+        with self._conn() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT id, name, created_by, created_at, used_at FROM api_tokens WHERE revoked_at IS NULL "
+                "ORDER BY id")]
 
     # -- people --------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from storage.errors import UserError
 from storage.flags import setting
-from storage.pairs import HELDOUT_FRACTION, build_pairs, is_heldout
+from storage.pairs import HELDOUT_FRACTION, JUDGE, build_pairs, is_heldout, training_rows
 from storage.procs import die_with_parent
 from storage.rounds import AWAITING, FAILED, PROMOTED, REJECTED, RoundLog
 from storage.serving import BASE, ServingLog
@@ -176,14 +176,14 @@ def scored(heldout: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     return strict[max(0, len(strict) - limit):]
 
 
-def split_votes(rows: list[dict[str, Any]], consumed: set[int], cfg: RoundConfig, uncapped: set[str] = frozenset()
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+def split_votes(rows: list[dict[str, Any]], consumed: set[int], cfg: RoundConfig, uncapped: set[str] = frozenset(),
+                bootstrap_until: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """(train, held-out, held back) for a round over ``rows`` (every vote up to the watermark,
     oldest first). It trains on the votes no promoted round consumed yet, within the per-person
     cap (``held back``: pairs per person that wait for a later round), and scores every held-out
     vote so far, not only the new ones: the gate judges the adapter on more pairs than one round's
-    tenth."""
-    train, heldout = build_pairs(rows, cfg.heldout_fraction)
+    tenth. ``bootstrap_until``: see storage.pairs.training_rows."""
+    train, heldout = build_pairs(rows, cfg.heldout_fraction, bootstrap_until)
     train, held_back = cap_shares([p for p in train if p["vote_id"] not in consumed], cfg.max_share, uncapped)
     return train, scored(heldout, cfg.max_heldout_pairs), held_back
 
@@ -369,6 +369,7 @@ class Rounds:
 
     def _run_locked(self, cfg, on_progress, seed_pairs) -> dict[str, Any]:
         held_back: dict[str, int] = {}
+        kind = "dataset"
         if seed_pairs is not None:  # a warm start consumes no votes
             watermark = after = self.last_watermark()
             init = None
@@ -381,8 +382,13 @@ class Rounds:
             after = 0 if cfg.init == "fresh" else self.last_watermark()
             init = self.continues(cfg)
             consumed = set() if cfg.init == "fresh" else self.log.consumed_votes()
-            train, heldout, held_back = split_votes(self.store.votes_with_pairs(0, watermark), consumed, cfg,
-                                                    self.store.admin_keys())
+            rows = self.store.votes_with_pairs(0, watermark)
+            bootstrap = self.store.judge_bootstrap()
+            kind = training_rows(rows, bootstrap)[1]
+            uncapped = self.store.admin_keys()
+            if kind == JUDGE:  # a distilled round is the judges' by design: the per-person cap is for people
+                uncapped |= set(self.store.judges())
+            train, heldout, held_back = split_votes(rows, consumed, cfg, uncapped, bootstrap)
         if len(train) < cfg.min_pairs:
             capped = (f" ({sum(held_back.values())} more wait: no one person may hold more than "
                       f"{cfg.max_share:.0%} of a round's pairs, so more people must vote)") if held_back else ""
@@ -390,7 +396,7 @@ class Rounds:
                 f"{len(train)} training pairs since vote {after}{capped}; a round needs at least {cfg.min_pairs}. "
                 "Collect more votes (ties and left/right count; both-bad does not)."
             )
-        round_id = self.log.start(watermark, os.getpid())
+        round_id = self.log.start(watermark, os.getpid(), kind)
         name = adapter_name(round_id)
         logger.info("round %d started: %d train / %d held-out pairs, votes %d..%d, init=%s",
                     round_id, len(train), len(heldout), after + 1, watermark, init or "base")
@@ -405,7 +411,7 @@ class Rounds:
         manifest: dict[str, Any] = {
             "round": round_id, "adapter": name, "watermark": watermark, "after": after,
             "init": init, "base_model": self.base_model, "config": asdict(cfg),
-            "source": "dataset" if seed_pairs is not None else "votes",
+            "source": "dataset" if seed_pairs is not None else "votes", "votes_kind": kind,
             "train_pairs": len(train), "heldout_pairs": len(heldout), "learning_rate": lr,
             "held_back_pairs": sum(held_back.values()), "started_at": time.time(),
         }

@@ -21,12 +21,19 @@ from typing import Any
 
 import gradio as gr
 
-from collector.quality import annotator_quality, outcomes_from_votes, win_rate_vs_base, win_rates_with_intervals
+from collector.quality import (
+    annotator_quality,
+    judge_agreement,
+    outcomes_from_votes,
+    win_rate_vs_base,
+    win_rates_with_intervals,
+)
 from collector.serving import AdapterRejected, Serving
-from collector.users import Access, Person, UsersError
+from collector.users import Access, Person, UsersError, check_name
+from storage.errors import StorageError
 from storage.export import export_all
 from storage.hub import HubSync
-from storage.pairs import trainable
+from storage.pairs import training_rows
 from storage.votes import VoteStore
 from trainer.publish import Publisher
 from trainer.rounds import RoundError, Rounds
@@ -37,7 +44,9 @@ from ui.errors import refused
 logger = logging.getLogger(__name__)
 
 ROUND_COLUMNS = ["round", "status", "adapter", "pairs (train/held-out)", "held-out acc", "KL/token", "verdict",
-                 "started", "minutes"]
+                 "started", "minutes", "votes of"]
+JUDGE_COLUMNS = ["who", "kind", "pairs compared", "agreement with ties", "95% CI", "without ties", "95% CI",
+                 "orders disagree", "first answer when they do"]
 QUALITY_COLUMNS = ["annotator", "votes", "share 'A'", "p (position bias)", "tie rate", "median s/vote",
                    "repeats", "agreement", "kappa", "flag"]
 PROMPT_COLUMNS = ["id", "typed by", "prompt"]
@@ -178,6 +187,80 @@ def set_admin_role(admin: Admin, name: str | None, on: bool, request: Any) -> st
     return f"{name.strip()} is {'now' if on else 'no longer'} an admin"
 
 
+def _known_account(admin: Admin, name: str | None) -> str:
+    """A judge or token name: a valid name; in password mode, a user of the users file (a judge logs
+    in like anyone)."""
+    try:
+        name = check_name(name)
+    except UsersError as e:
+        raise refused(str(e)) from None
+    users = admin.access.users
+    if admin.access.mode == "password" and users is not None and name not in users.hashes:
+        raise refused(f"{name} is not a user; add them first (a judge logs in with a password like anyone)")
+    return name
+
+
+def set_judge(admin: Admin, name: str | None, on: bool, request: Any) -> str:
+    """Mark an account as an AI judge (its votes are marked and left out of training) or unmark it."""
+    person = require_admin(admin, request)
+    name = _known_account(admin, name)
+    if on:
+        if name in admin.access.admins:
+            raise refused(f"{name} is an admin; a judge is an account of its own")
+        admin.store.set_judge(name, True, by=person.name, trained=admin.store.judges().get(name, False))
+        return f"{name} is a judge: its votes are marked as a judge's and do not train unless you include it"
+    if name not in admin.store.judges():
+        raise refused(f"{name} is not a judge")
+    admin.store.set_judge(name, False, by=person.name)
+    return f"{name} is no longer a judge (its past votes stay a judge's)"
+
+
+def set_judge_trained(admin: Admin, name: str | None, trained: bool, request: Any) -> str:
+    """Let a judge's votes train beside people's, or leave them out again (the default)."""
+    person = require_admin(admin, request)
+    name = (name or "").strip()
+    if name not in admin.store.judges():
+        raise refused(f"{name or 'that name'} is not a judge; mark it as a judge first")
+    admin.store.set_judge(name, True, by=person.name, trained=trained)
+    return f"{name}'s votes {'train beside people' if trained else 'are left out of training'}"
+
+
+def set_bootstrap(admin: Admin, votes: float | int | str | None, request: Any) -> str:
+    """Rounds train on the judges' votes until this many usable votes of people exist (0: off)."""
+    require_admin(admin, request)
+    try:
+        n = int(float(votes or 0))
+        admin.store.set_judge_bootstrap(n)
+    except (ValueError, StorageError) as e:
+        raise refused(f"the number of people's votes is a whole number, 0 (off) or more: {e}") from None
+    if n == 0:
+        return "bootstrap off: rounds train on people (and on judges you include)"
+    return (f"rounds train on the judges' votes until people cast {n} usable votes "
+            f"({admin.store.people_usable_votes()} so far), then on people")
+
+
+def issue_token(admin: Admin, name: str | None, request: Any) -> str:
+    """A new API token bound to ``name``, shown once (only its hash is kept)."""
+    person = require_admin(admin, request)
+    if admin.access.mode != "hf":
+        raise refused("scripts and judges log in with a password here (PREFLOOP_PASSWORD); API tokens are for "
+                      "Sign in with Hugging Face, where there are no passwords")
+    name = _known_account(admin, name)
+    if name in admin.access.admins:
+        raise refused(f"{name} is an admin; a token is for a script or judge account of its own")
+    token = admin.store.issue_token(name, by=person.name)
+    return (f"API token for **{name}** (shown once: copy it now; only its hash is kept): `{token}`. "
+            "Scripts send it as `Authorization: Bearer <token>`; the judge reads it from PREFLOOP_TOKEN.")
+
+
+def revoke_tokens(admin: Admin, name: str | None, request: Any) -> str:
+    person = require_admin(admin, request)
+    n = admin.store.revoke_tokens((name or "").strip(), by=person.name)
+    if n == 0:
+        raise refused(f"{(name or '').strip() or 'that name'} has no live token")
+    return f"{n} token{'s' if n > 1 else ''} of {name.strip()} revoked: refused from the next request"
+
+
 def decide(admin: Admin, promote: bool, request: Any) -> str:
     """Promote (then serve) or reject the round that waits for a decision."""
     person = require_admin(admin, request)
@@ -224,11 +307,14 @@ INLINE_FIGURES_S = 0.5  # figures that took longer than this are recomputed in t
 def _compute_figures(store: VoteStore, key: tuple, last: int) -> dict[str, Any]:
     facts = store.vote_facts()
     since = [f for f in facts if f["vote_id"] > last]
+    selected, kind = training_rows(facts, store.judge_bootstrap())
+    usable = {f["vote_id"] for f in selected if f["choice"] != "both_bad"}
     return {
         "key": key,
         "rates": win_rates_with_intervals(outcomes_from_votes(facts), anchor="base", samples=100),
         "people": annotator_quality(facts), "by_choice": Counter(f["choice"] for f in facts), "total": len(facts),
-        "since": len(since), "usable": sum(f["choice"] != "both_bad" and trainable(f) for f in since),
+        "since": len(since), "usable": sum(f["vote_id"] in usable for f in since), "kind": kind,
+        "judges": judge_agreement(facts),
         "plot_votes": figures.votes_over_time((f["created_at"], f["choice"]) for f in facts),
     }
 
@@ -243,7 +329,8 @@ def vote_figures(admin: Admin, last: int, excluded: set[str]) -> dict[str, Any]:
     full pass over the log.
     bench/admin_refresh.py measures both paths."""
     store = admin.store
-    key = (store.max_vote_id(), tuple(sorted(excluded)), last)
+    key = (store.max_vote_id(), tuple(sorted(excluded)), last, tuple(store.judges().items()),
+           store.judge_bootstrap())
     cache = admin.figures_cache
     with admin.figures_lock:
         current = cache.get("figures")
@@ -290,7 +377,8 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
     as_of = "" if fig["key"][0] == store.max_vote_id() else f" (as of vote {fig['key'][0]}; updating)"
     lines = [
         f"**Votes:** {fig['total']} in total ({choice_line}); {fig['since']} since the "
-        f"last round, {fig['usable']} of them usable for training{as_of}",
+        f"last round, {fig['usable']} of them usable for training"
+        f"{' (judges: bootstrapping)' if fig['kind'] == 'judge' else ''}{as_of}",
         f"**Serving:** `{admin.serving.current}` · **Next round:** {scheduler.next_trigger()}",
         f"**Dataset:** {admin.hub.refresh_status().line()}",
         f"**Who may annotate:** {admin.access.describe()}",
@@ -334,7 +422,7 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
             r["id"], r["status"], r["adapter"] or "", pairs, _fmt(figures.manifest_accuracy(m)),
             _fmt(metrics.get("kl_per_token"), 4), r["reason"] or "",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])),
-            round(((r["finished_at"] or time.time()) - r["started_at"]) / 60, 1),
+            round(((r["finished_at"] or time.time()) - r["started_at"]) / 60, 1), r.get("votes_kind") or "",
         ])
     rates, people = fig["rates"], fig["people"]
     rate_rows = [[m, round(e, 3), round(lo, 3), round(hi, 3)] for m, (e, lo, hi) in sorted(rates.items())]
@@ -344,6 +432,16 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
                                      "excluded from training" if q.excluded else "") if f)]
               for q in people]
     steps_df = figures.round_steps(rounds.manifests, live)
+
+    def ci(x) -> str:
+        return "" if x is None else f"{x[1]:.2f}-{x[2]:.2f}"
+
+    judge_rows = [[names.get(j.who, j.who), "judge" if j.judge else ("people" if j.who.startswith("people ")
+                                                                         else "person"),
+                   j.compared, _fmt(j.with_ties and j.with_ties[0]), ci(j.with_ties),
+                   _fmt(j.without_ties and j.without_ties[0]), ci(j.without_ties),
+                   _fmt(j.inconsistent and j.inconsistent[0]), _fmt(j.first_position and j.first_position[0])]
+                  for j in fig["judges"]]
     typed = store.private_prompts()
     return {
         "summary": "\n\n".join(lines), "progress": prog, "decision": decision, "rounds": rows, "win_rates": rate_rows,
@@ -358,7 +456,28 @@ def view(admin: Admin, request: Any) -> dict[str, Any]:
         "typed": [[p["id"], names.get(p["owner"], p["owner"]), p["text"][:200]] for p in typed],
         "typed_pick": gr.Dropdown(choices=[(f"{p['id']}: {p['text'][:60]}", str(p["id"])) for p in typed]),
         "roster": admin.access.roster(),
+        "judges": judge_rows, "judge_status": judge_status(admin),
     }
+
+
+def judge_status(admin: Admin) -> str:
+    """Judges, whether they train, the bootstrap, and live API tokens (never their secrets)."""
+    store = admin.store
+    judges = store.judges()
+    parts = ["**Judges:** " + (", ".join(f"{n} ({'trained on' if t else 'not trained on'})"
+                                          for n, t in judges.items()) or "none")]
+    n = store.judge_bootstrap()
+    if n:
+        have = store.people_usable_votes()
+        parts.append(f"**Bootstrap:** rounds train on judges until people cast {n} usable votes ({have} so far: "
+                     f"{'judges now' if have < n else 'people now'})")
+    tokens = store.tokens()
+    if tokens:
+        parts.append("**API tokens:** " + ", ".join(
+            f"{t['name']} (by {t['created_by']}, {time.strftime('%Y-%m-%d', time.localtime(t['created_at']))}"
+            f"{', used ' + time.strftime('%Y-%m-%d %H:%M', time.localtime(t['used_at'])) if t['used_at'] else ''})"
+            for t in tokens))
+    return "\n\n".join(parts)
 
 
 # -- layout and wiring ----------------------------------------------------------------------------
@@ -425,6 +544,22 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
         make_admin_btn = gr.Button("Make admin", elem_id="people-make-admin")
         unmake_admin_btn = gr.Button("Remove admin role", elem_id="people-remove-admin")
     people_note = gr.Markdown(elem_id="people-note")
+    gr.Markdown("#### AI judges against people (pairs both voted on; MT-Bench's two figures)")
+    c["judges"] = gr.Dataframe(headers=JUDGE_COLUMNS, interactive=False, elem_id="judge-agreement")
+    c["judge_status"] = gr.Markdown(elem_id="judge-status")
+    with gr.Row():
+        judge_name = gr.Textbox(label="Judge or script account", elem_id="judge-name", scale=2, max_length=80)
+        bootstrap_n = gr.Number(label="Bootstrap: train on judges until people cast N votes (0: off)", precision=0,
+                                minimum=0, elem_id="judge-bootstrap", scale=2)
+    with gr.Row():
+        judge_on_btn = gr.Button("Mark as judge", elem_id="judge-mark")
+        judge_off_btn = gr.Button("Unmark judge", elem_id="judge-unmark")
+        judge_train_btn = gr.Button("Train on its votes", elem_id="judge-include")
+        judge_untrain_btn = gr.Button("Leave its votes out", elem_id="judge-exclude")
+        bootstrap_btn = gr.Button("Set bootstrap", elem_id="judge-bootstrap-set")
+        token_btn = gr.Button("Issue API token", elem_id="token-issue", visible=hf)
+        revoke_btn = gr.Button("Revoke its tokens", elem_id="token-revoke", visible=hf)
+    token_note = gr.Markdown(elem_id="token-note")
     gr.Markdown("#### Typed prompts (each stays with its author until you share it)")
     c["typed"] = gr.Dataframe(headers=PROMPT_COLUMNS, interactive=False, elem_id="typed-prompts", wrap=True)
     with gr.Row():
@@ -466,6 +601,22 @@ def build(demo: gr.Blocks, tab: gr.Tab, admin: Admin) -> None:
     wire(remove_btn.click, remove_person, [who], "admin_remove_person")
     wire(make_admin_btn.click, lambda a, name, r: set_admin_role(a, name, True, r), [who], "admin_make_admin")
     wire(unmake_admin_btn.click, lambda a, name, r: set_admin_role(a, name, False, r), [who], "admin_remove_admin")
+    wire(judge_on_btn.click, lambda a, name, r: set_judge(a, name, True, r), [judge_name], "admin_judge_mark")
+    wire(judge_off_btn.click, lambda a, name, r: set_judge(a, name, False, r), [judge_name], "admin_judge_unmark")
+    wire(judge_train_btn.click, lambda a, name, r: set_judge_trained(a, name, True, r), [judge_name],
+         "admin_judge_include")
+    wire(judge_untrain_btn.click, lambda a, name, r: set_judge_trained(a, name, False, r), [judge_name],
+         "admin_judge_exclude")
+    wire(bootstrap_btn.click, set_bootstrap, [bootstrap_n], "admin_judge_bootstrap")
+    wire(revoke_btn.click, revoke_tokens, [judge_name], "admin_token_revoke")
+
+    def token(name: str, request: gr.Request) -> dict[Any, Any]:
+        """The token is shown under the buttons, once (a notice would vanish before it is copied)."""
+        message = issue_token(admin, name, request)
+        return {**refresh(request), token_note: message}
+
+    token_btn.click(token, [judge_name], [*outputs, token_note], api_name="admin_token_issue",
+                    api_visibility="private")
 
     def add(name: str, password: str, request: gr.Request) -> dict[Any, Any]:
         """A new password is shown under the buttons (a notice would vanish before it is copied)."""

@@ -246,10 +246,10 @@ def api_follow_up(svc: Annotation, access: Access, pair_id: str, message: str, r
 
 
 async def api_vote(svc: Annotation, access: Access, pair_id: str, choice: str, reason: str | None,
-                   request: Any) -> dict[str, Any]:
+                   request: Any, orders: str | None = None) -> dict[str, Any]:
     user = _user(access, request)
     try:
-        return await svc.off_loop(svc.vote, user, pair_id, choice, reason)
+        return await svc.off_loop(svc.vote, user, pair_id, choice, reason, orders)
     except USER_ERRORS as e:
         raise refused(str(e)) from None
 
@@ -350,9 +350,11 @@ def build_api(svc: Annotation, access: Access) -> None:
         return api_next_pair(svc, access, prompt, request)
 
     async def vote(pair_id: str, choice: Literal["left", "right", "tie", "both_bad"], request: gr.Request,
-                   reason: str = "") -> dict:
-        """Record a vote on a pair issued to you (left, right, tie or both_bad), with an optional reason."""
-        return await api_vote(svc, access, pair_id, choice, reason, request)
+                   reason: str = "", orders: str = "") -> dict:
+        """Record a vote on a pair issued to you (left, right, tie or both_bad), with an optional reason.
+        ``orders`` (judge accounts only): the verdicts with the answers as shown and swapped, both
+        as sides of the pair shown, e.g. "left,right"."""
+        return await api_vote(svc, access, pair_id, choice, reason, request, orders)
 
     def follow_up(pair_id: str, message: str, request: gr.Request) -> dict:
         """Continue from the answer you chose on a pair you voted A or B on: a new pair whose prompt
