@@ -16,7 +16,8 @@ from storage.votes import VoteStore
 
 ADMIN_EVENTS = ["admin_run_round", "admin_push", "admin_rollback", "admin_pause", "admin_tick", "admin_refresh",
                 "admin_serve", "admin_exclude", "admin_include", "admin_export", "admin_promote", "admin_reject",
-                "admin_share_prompt", "admin_publish"]
+                "admin_share_prompt", "admin_publish", "admin_judge_mark", "admin_judge_unmark", "admin_judge_include",
+                "admin_judge_exclude", "admin_judge_bootstrap", "admin_token_issue", "admin_token_revoke"]
 
 
 def _session(app, user: str) -> httpx.Client:
@@ -66,6 +67,9 @@ def test_a_non_admin_gets_nothing_from_any_admin_event_over_raw_http(app, admin_
         assert "Votes:" not in json.dumps(messages)  # no admin figures leaked
     with sqlite3.connect(app.data_dir / "votes.db") as db:
         assert db.execute("SELECT COUNT(*) FROM excluded_annotators").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM judges").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM api_tokens").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM settings WHERE key = 'judge_bootstrap_votes'").fetchone()[0] == 0
     anonymous = httpx.Client(base_url=app.url, timeout=30)
     assert anonymous.post("gradio_api/queue/join", json={"data": [], "fn_index": admin_fns["admin_refresh"][0],
                                                          "session_hash": "x"}).status_code in (401, 403)

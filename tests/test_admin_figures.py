@@ -28,8 +28,8 @@ def _vote(store: VoteStore, who: str, i: int, choice: str = "left") -> int:
     return store.record_vote(pid, who, choice)
 
 
-@pytest.fixture
-def admin(tmp_path):
+def make_admin(tmp_path) -> admin_ui.Admin:
+    """The Admin tab's services over a real store with 6 votes of ann and ben."""
     store = VoteStore(tmp_path / "votes.db")
     for i in range(6):
         _vote(store, ("ann", "ben")[i % 2], i)
@@ -38,6 +38,11 @@ def admin(tmp_path):
     return admin_ui.Admin(store=store, rounds=rounds, scheduler=scheduler, serving=SimpleNamespace(current="base"),
                           hub=HubSync(store, tmp_path / "hub", None, None),
                           access=Access("password", store, admins={"admin"}), exports=tmp_path / "exports")
+
+
+@pytest.fixture
+def admin(tmp_path):
+    return make_admin(tmp_path)
 
 
 def _passes(monkeypatch, store) -> list[int]:

@@ -11,14 +11,15 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from collector.judge import combine, parse_verdict
 from collector.quality import PEOPLE_WITH_PEOPLE, judge_agreement, wilson
 from storage.errors import VoteRejected
+from storage.export import export_all
 from storage.pairs import JUDGE, PEOPLE, PEOPLE_AND_JUDGE, build_pairs, training_rows
 from storage.votes import VoteStore
 from tests.conftest import ROOT, RunningApp
@@ -50,9 +51,10 @@ def test_the_verdict_is_read_from_the_judges_structured_reply_only():
 
 def _pair(store: VoteStore, who: str, i: int, text: str | None = None) -> str:
     text = text or f"Question {i}?"
-    return store.issue_pair(annotator=who, prompt_id=store.prompt_id(text), messages=[{"role": "user", "content": text}],
-                            answer_left=f"left {i}", answer_right=f"right {i}", model_left="base", model_right="base",
-                            seed=i, params={}, timings={})
+    return store.issue_pair(annotator=who, prompt_id=store.prompt_id(text),
+                            messages=[{"role": "user", "content": text}], answer_left=f"left {i}",
+                            answer_right=f"right {i}", model_left="base", model_right="base", seed=i, params={},
+                            timings={})
 
 
 def test_judge_votes_are_marked_by_the_server_and_train_only_when_included_or_bootstrapping(tmp_path):
@@ -73,6 +75,10 @@ def test_judge_votes_are_marked_by_the_server_and_train_only_when_included_or_bo
 
     assert training_rows(rows)[1] == PEOPLE and trained_by() == {"bob"}  # judges left out by default
     assert store.count_votes(usable_only=True) == 3
+    counts = export_all(store, tmp_path / "dataset", salt="s", heldout_fraction=0.0)
+    votes = pq.read_table(next((tmp_path / "dataset" / "votes").glob("*.parquet"))).to_pylist()
+    assert [v["judge"] for v in votes] == [True] * 4 + [False] * 3 and votes[0]["reason"] == "clearer"
+    assert counts["train"] == 3  # the preferences config holds what trains: bob's three
     store.set_judge("gpt", True, by="alice", trained=True)
     assert training_rows(store.votes_with_pairs())[1] == PEOPLE_AND_JUDGE and trained_by() == {"bob", "gpt"}
     assert store.count_votes(usable_only=True) == 7
@@ -134,8 +140,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.seen.append(json.loads(body))
-        r = httpx.post(self.server.target + self.path[len("/v1"):], content=body, timeout=300,
-                       headers={"Content-Type": "application/json", "Authorization": self.headers.get("Authorization", "")})
+        headers = {"Content-Type": "application/json", "Authorization": self.headers.get("Authorization", "")}
+        r = httpx.post(self.server.target + self.path[len("/v1"):], content=body, timeout=300, headers=headers)
         self.send_response(r.status_code)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -186,13 +192,14 @@ def test_the_judge_votes_through_the_app_in_both_orders_and_its_votes_do_not_tra
         run = _judge(app, "judge", f"http://127.0.0.1:{recorder.server_port}/v1", key, 3)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "done: 3 votes" in run.stdout
+        print(run.stdout)
 
         store = VoteStore(app.data_dir / "votes.db")
         votes = [r for r in store.votes_with_pairs() if r["annotator"] == "judge"]
         assert len(votes) == 3 and all(r["judge"] == 1 and r["reason"] and r["judge_orders"] for r in votes)
         for r in votes:  # each pair asked twice, the answers swapped the second time
-            bodies = [b["messages"][1]["content"] for b in recorder.seen if r["answer_left"] in b["messages"][1]["content"]
-                      and r["answer_right"] in b["messages"][1]["content"]]
+            asked = [b["messages"][1]["content"] for b in recorder.seen]
+            bodies = [b for b in asked if r["answer_left"] in b and r["answer_right"] in b]
             positions = {(b.index(r["answer_left"]) < b.index(r["answer_right"])) for b in bodies}
             assert len(bodies) >= 2 and positions == {True, False}, (r["pair_id"], len(bodies))
             one, two = r["judge_orders"].split(",")
@@ -203,7 +210,7 @@ def test_the_judge_votes_through_the_app_in_both_orders_and_its_votes_do_not_tra
         include = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "admin_judge_include")
         assert [m for m in _call(alice, include, ["judge"]) if m.get("msg") == "process_completed"][-1]["success"]
         trained = {p["annotator"] for p in build_pairs(store.votes_with_pairs(), 0.0)[0]}
-        assert "judge" in trained or all(r["choice"] == "both_bad" or r["repeat_of"] for r in votes)
+        assert trained == {"bob", "judge"}  # bob's two pairs can be repeated once each: one judge vote is new
         # a person cannot send a judge's two orders
         bob_pair = app.call(bob, "", api_name="/next_pair")
         with pytest.raises(Exception, match="judge account"):
@@ -244,3 +251,43 @@ def test_bootstrap_trains_round_0_on_the_judge_and_round_1_on_people(tmp_path, t
     spec = json.loads((tmp_path / "rounds" / "round-0002.spec.json").read_text())
     assert {p["annotator"] for p in spec["train"]} == set(people) and len(spec["train"]) == 9
     assert [r["votes_kind"] for r in rounds.log.all()] == [JUDGE, PEOPLE]
+
+
+# -- the Admin tab, without a browser ---------------------------------------------------------------
+
+
+def test_the_admin_tab_marks_judges_sets_the_bootstrap_and_shows_judge_against_people(tmp_path):
+    from tests.test_admin_figures import ADMIN, make_admin
+    from ui import admin as admin_ui
+    from ui.errors import refused
+
+    admin = make_admin(tmp_path)  # 6 votes of ann and ben
+    store = admin.store
+    bob = type(ADMIN)(**{**vars(ADMIN), "username": "bob"})
+    with pytest.raises(type(refused("x"))):
+        admin_ui.set_judge(admin, "gpt", True, bob)  # admins only
+    assert "is a judge" in admin_ui.set_judge(admin, "gpt", True, ADMIN)
+    with pytest.raises(type(refused("x")), match="admin"):
+        admin_ui.set_judge(admin, "admin", True, ADMIN)
+    for i in range(3):  # the judge sees people's pairs again
+        original = store.votes_with_pairs()[i]["pair_id"]
+        store.record_vote(store.issue_repeat(original, "gpt", swap=False), "gpt", "left", judge_orders="left,left")
+    for i in range(4):
+        store.record_vote(_pair(store, "gpt", 50 + i), "gpt", "right", judge_orders="right,right")
+    view = admin_ui.view(admin, ADMIN)
+    rows = {r[0]: r for r in view["judges"]}
+    assert rows["gpt"][1:4] == ["judge", 3, "1.00"]  # people voted left on all three
+    assert "gpt (not trained on)" in view["judge_status"]
+    assert "6 of them usable" in view["summary"] and admin.scheduler.usable_new_votes() == 6
+    admin_ui.set_judge_trained(admin, "gpt", True, ADMIN)
+    assert "10 of them usable" in admin_ui.view(admin, ADMIN)["summary"]  # 4 new judge votes (repeats never train)
+    assert admin.scheduler.usable_new_votes() == 10
+    admin_ui.set_judge_trained(admin, "gpt", False, ADMIN)
+    assert "until people cast 20" in admin_ui.set_bootstrap(admin, 20, ADMIN)
+    view = admin_ui.view(admin, ADMIN)
+    assert "4 of them usable for training (judges: bootstrapping)" in view["summary"]
+    assert "judges now" in view["judge_status"] and admin.scheduler.usable_new_votes() == 4
+    with pytest.raises(type(refused("x")), match="0 \\(off\\) or more"):
+        admin_ui.set_bootstrap(admin, -3, ADMIN)
+    with pytest.raises(type(refused("x")), match="password"):  # tokens are for hf mode
+        admin_ui.issue_token(admin, "gpt", ADMIN)

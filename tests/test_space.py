@@ -362,6 +362,38 @@ def test_a_rename_keeps_a_persons_votes_together_and_does_not_pass_on_an_admin_n
     assert not impostor["success"]
 
 
+def test_an_api_token_votes_as_its_name_until_revoked_and_never_reaches_the_admin_tab(space_app):
+    """Where people sign in with Hugging Face there are no passwords: scripts and judges send a
+    token an admin issued, bound to one name, stored hashed."""
+    from gradio_client import Client
+
+    me = _admin_http(space_app, "me")
+    assert not _admin_event(space_app, _admin_http(space_app, "carol"), "admin_token_issue", ["robo"])["success"]
+    issued = _admin_event(space_app, me, "admin_token_issue", ["robo"])
+    assert issued["success"], issued
+    token = re.search(r"pl_[A-Za-z0-9_-]{40,}", json.dumps(issued["output"]))[0]
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        stored = db.execute("SELECT name, digest FROM api_tokens").fetchall()
+        assert stored == [("robo", hashlib.sha256(token.encode()).hexdigest())]  # the hash only
+        assert token not in json.dumps(db.execute("SELECT * FROM settings").fetchall())
+    robo = Client(space_app.url, verbose=False, headers={"Authorization": f"Bearer {token}"})
+    pair = robo.predict("", api_name="/next_pair")
+    assert robo.predict(pair["pair_id"], "left", api_name="/vote")["choice"] == "left"
+    with sqlite3.connect(space_app.data_dir / "votes.db") as db:
+        assert db.execute("SELECT annotator FROM votes WHERE pair_id = ?", (pair["pair_id"],)).fetchone() == ("robo",)
+    as_token = httpx.Client(base_url=space_app.url, timeout=60, headers={"Authorization": f"Bearer {token}"})
+    assert not _admin_event(space_app, as_token, "admin_refresh")["success"]  # a token is never an admin...
+    assert _admin_event(space_app, me, "admin_make_admin", ["robo"])["success"]
+    assert not _admin_event(space_app, as_token, "admin_refresh")["success"]  # ...not even one bound to an admin's name
+    assert _admin_event(space_app, me, "admin_remove_admin", ["robo"])["success"]
+    forged = Client(space_app.url, verbose=False, headers={"Authorization": "Bearer pl_" + "x" * 43})
+    with pytest.raises(Exception, match="log in first"):
+        forged.predict("", api_name="/next_pair")
+    assert _admin_event(space_app, me, "admin_token_revoke", ["robo"])["success"]
+    with pytest.raises(Exception, match="log in first"):  # refused from the next request
+        robo.predict("", api_name="/next_pair")
+
+
 @pytest.fixture(scope="module")
 def open_app(tiny_engine, tiny_mistral_dir, tmp_path_factory, provider):
     """On the tiny Mistral: its QLoRA round takes seconds, and who may vote, the cap and the manual

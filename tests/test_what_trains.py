@@ -145,24 +145,32 @@ def test_a_repo_written_under_the_older_schema_is_upgraded_and_loads_as_one_tabl
                for row in vote_rows(store.votes_with_pairs(0, 10, superseded=True), "s")]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(old), buf)
+        v2 = [{k: v for k, v in row.items() if k not in ADDED[3]}  # a later replica, under schema 2
+              for row in vote_rows(store.votes_with_pairs(10, 20, superseded=True), "s")]
+        buf2 = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(v2), buf2)
         api.create_commit(repo, repo_type="dataset", commit_message="an older PrefLoop", operations=[
             CommitOperationAdd("votes/20260101T000000-abcd-000001.parquet", buf.getvalue()),
+            CommitOperationAdd("votes/20260201T000000-ef01-000001.v2.parquet", buf2.getvalue()),
             CommitOperationAdd("preferences/20260101T000000-abcd-000001.parquet", buf.getvalue()),
             CommitOperationAdd("README.md", OLD_CARD)])
-        store.set_setting("hub_staged_watermark", "10")  # those votes were pushed by the older version
+        store.set_setting("hub_staged_watermark", "20")  # those votes were pushed by the older versions
         sync = HubSync(store, tmp / "hub", repo, api, backoff_s=0.01, salt="s")
         assert sync.push() > 0 and sync.status.last_error is None
         files = hub.files(repo)
         assert "votes/20260101T000000-abcd-000001.parquet" not in files  # upgraded under the new suffix
+        assert "votes/20260201T000000-ef01-000001.v2.parquet" not in files
+        assert "votes/20260201T000000-ef01-000001.v3.parquet" in files
         assert not [p for p in files if p.startswith("preferences/") and p.count("/") == 1]
         local = tmp / "downloaded"
         for path, data in files.items():
             (local / path).parent.mkdir(parents=True, exist_ok=True)
             (local / path).write_bytes(data)
         votes = load_dataset(str(local), "votes", split="train", cache_dir=str(tmp / "cache"))
-        assert len(votes) == 43 and set(votes.column_names) >= set(ADDED[2])
+        assert len(votes) == 43 and set(votes.column_names) >= set(ADDED[2]) | set(ADDED[3])
         old_rows = [v for v in votes if v["vote_id"] <= 10]
         assert old_rows and all(v["finish_left"] == "" and v["superseded"] is False for v in old_rows)
+        assert all(v["judge"] is False for v in votes if v["vote_id"] <= 20)
         prefs = load_dataset(str(local), "preferences", cache_dir=str(tmp / "cache"))
         assert len(prefs["train"]) > 0 and "test" in prefs
         assert "path: preferences/train/*.parquet" in files["README.md"].decode()

@@ -68,11 +68,12 @@ class Scheduler:
 
     def usable_new_votes(self) -> int:
         """Left/right/tie votes since the last finished round (promoted or not). Counted again only
-        when the log, the last round or the exclusions changed: the scheduler's poll, the Admin
+        when the log, the last round, the exclusions or the judges' settings changed: the scheduler's poll, the Admin
         tab and every annotator's progress line ask far more often than votes arrive."""
         store = self.rounds.store
         since = self.rounds.last_attempt_watermark()
-        key = (store.max_vote_id(), since, tuple(sorted(store.excluded_annotators())))
+        key = (store.max_vote_id(), since, tuple(sorted(store.excluded_annotators())), tuple(store.judges().items()),
+               store.judge_bootstrap())
         with self._lock:
             if self._usable is not None and self._usable[0] == key:
                 return self._usable[1]
