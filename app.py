@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import getpass
+import json
 import logging
 import os
 import shlex
@@ -212,11 +213,12 @@ def build(args: argparse.Namespace) -> App:
     from collector.annotate import AnnotateConfig, Annotation
     from collector.engine import Engine, EngineConfig
     from collector.gpu import ModelShape, cuda_total_gib, plan_for
+    from collector.judge import ENDPOINT_FILE
     from collector.models import resolve_model
     from collector.prompts import PromptQueue
     from collector.sampling import SamplingParams
     from collector.serving import Serving
-    from collector.users import Access, Users, UsersError, space_oauth_missing
+    from collector.users import Access, Users, UsersError, space_oauth_missing, write_private
     from storage.flags import from_flags
     from storage.serving import ServingLog
     from storage.votes import VoteStore
@@ -268,6 +270,10 @@ def build(args: argparse.Namespace) -> App:
             quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
             extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log",
             pid_file=data_dir / "vllm.pid", niceness=10 if total_gib is None else 0))
+        # where scripts on this machine (the judge: `--judge-url data/vllm-endpoint.json`) reach the
+        # managed server; readable by the operator only, like the vote log
+        ep = engine.endpoints[0]
+        write_private(data_dir / ENDPOINT_FILE, json.dumps({"url": f"{ep.url}/v1", "api_key": ep.api_key}))
     try:
         serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
         rounds = Rounds(store, data_dir, model)

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from collector.engine import free_port
+from collector.judge import Judge, JudgeConfig
 from tests.conftest import ROOT
 
 
@@ -49,12 +50,15 @@ def test_a_killed_app_takes_its_vllm_along_and_starts_again_on_the_same_port(smo
     assert f"PrefLoop is running at http://127.0.0.1:{port}/" in out
     assert "Log in as 'admin' with password '" in out  # first run: a generated admin login
     assert (data / "users.txt").read_text().count("scrypt$") == 1
-    for private in ("users.txt", "votes.db", "logs/app.log", "logs/vllm.log"):
+    for private in ("users.txt", "votes.db", "logs/app.log", "logs/vllm.log", "vllm-endpoint.json"):
         assert stat.S_IMODE((data / private).stat().st_mode) == 0o600, private
     tree = psutil.Process(proc.pid).children(recursive=True)
     server = next(c for c in tree if "vllm" in " ".join(c.cmdline()))
     key = server.environ()["VLLM_API_KEY"]
     assert key and key not in " ".join(server.cmdline())  # the key is not in the process list
+    judge = Judge(JudgeConfig(judge_url=str(data / "vllm-endpoint.json")))  # scripts on this machine find it
+    assert judge.url.startswith("http://127.0.0.1:") and judge.url.endswith("/v1")
+    assert judge.headers == {"Authorization": f"Bearer {key}"}
     assert (data / "vllm.pid").read_text().split()[0] == str(server.pid)
 
     servers = [p for p in tree if "resource_tracker" not in " ".join(p.cmdline())]
