@@ -20,10 +20,11 @@ Outcome = tuple[str, str, float]  # (model a, model b, score of a: 1 win, 0.5 ti
 
 
 def outcomes_from_votes(rows: Iterable[dict]) -> list[Outcome]:
-    """Arena votes (left/right/tie between two different models) -> outcomes; both-bad is skipped."""
+    """People's arena votes (left/right/tie between two different models) -> outcomes; both-bad is
+    skipped, and so are AI judges' votes: the win rates are people's verdict."""
     score = {"left": 1.0, "right": 0.0, "tie": 0.5}
     return [(r["model_left"], r["model_right"], score[r["choice"]]) for r in rows
-            if r["choice"] in score and r["model_left"] != r["model_right"]]
+            if r["choice"] in score and r["model_left"] != r["model_right"] and not r.get("judge")]
 
 
 def _tally(outcomes: Iterable[Outcome]) -> Counter:

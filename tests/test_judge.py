@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from collector.judge import combine, parse_verdict
-from collector.quality import PEOPLE_WITH_PEOPLE, judge_agreement, wilson
+from collector.quality import PEOPLE_WITH_PEOPLE, judge_agreement, outcomes_from_votes, wilson
 from storage.errors import VoteRejected
 from storage.export import export_all
 from storage.pairs import JUDGE, PEOPLE, PEOPLE_AND_JUDGE, build_pairs, training_rows
@@ -90,6 +90,17 @@ def test_judge_votes_are_marked_by_the_server_and_train_only_when_included_or_bo
     assert not store.bootstrapping() and trained_by() == {"bob"} and store.count_votes(usable_only=True) == 4
     store.set_judge("gpt", False, by="alice")  # unmarked: its past votes stay a judge's
     assert all(r["judge"] for r in store.votes_with_pairs() if r["annotator"] == "gpt")
+
+
+def test_the_win_rates_are_peoples_verdict_without_the_judges(tmp_path):
+    store = VoteStore(tmp_path / "votes.db")
+    store.set_judge("gpt", True, by="alice")
+    for i, (who, choice) in enumerate([("amy", "left"), ("gpt", "right"), ("gpt", "right")]):
+        pid = store.issue_pair(annotator=who, prompt_id=None, messages=[{"role": "user", "content": f"q{i}"}],
+                               answer_left="a", answer_right="b", model_left="round-0001", model_right="base",
+                               seed=i, params={}, timings={})
+        store.record_vote(pid, who, choice)
+    assert outcomes_from_votes(store.vote_facts()) == [("round-0001", "base", 1.0)]
 
 
 def test_agreement_with_and_without_ties_and_position_bias_on_a_hand_checked_set(tmp_path):
