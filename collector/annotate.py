@@ -239,7 +239,7 @@ class Annotation:
         rate = self.config.judge_repeat_rate if judge else self.config.repeat_rate
         if rate <= 0 or self.rng.random() >= rate:
             return None
-        original = self.store.repeat_candidate(annotator, people_only=judge)
+        original = self.store.repeat_candidate(annotator)
         if original is None:
             return None
         pair_id = self.store.issue_repeat(original, annotator, swap=self.rng.random() < 0.5)

@@ -14,9 +14,10 @@ Where there are no passwords (Sign in with Hugging Face), the judge sends an API
 issued for its name (PREFLOOP_TOKEN). The judge endpoint's key, if any, is OPENAI_API_KEY.
 
 Everything the judge reads is hostile text (a stranger's prompt, a model's answers): it goes to
-the judge model inside marked blocks, the markers are removed from the text itself, and the
-verdict is taken only from the judge's own structured answer (a JSON object where the endpoint
-supports JSON schemas, else the last "Verdict:" line), never from the answers.
+the judge model as JSON strings (no text can close its field and pose as the prompt's own), and
+the verdict is taken only from the judge's own answer: a complete JSON object where the endpoint
+supports JSON schemas (a reply cut at the token limit is unreadable), else a line of its own
+"Verdict: A|B|tie".
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
+from collector.users import TOKEN_HEADER
 from storage.errors import UserError
 from storage.flags import setting
 from storage.votes import MAX_REASON_CHARS
@@ -48,8 +51,8 @@ VERDICTS = {"a": "first", "b": "second", "tie": "tie"}
 SCHEMA = {"type": "object", "properties": {"reason": {"type": "string"},
                                            "verdict": {"type": "string", "enum": ["A", "B", "tie"]}},
           "required": ["reason", "verdict"]}
-MARKERS = re.compile(r"</?\s*(answer_[ab]|conversation)\s*>", re.IGNORECASE)
-VERDICT_LINE = re.compile(r"verdict\W{0,5}(a|b|tie)\b", re.IGNORECASE)
+VERDICT_LINE = re.compile(r"^[\s*#>_-]*verdict[\s*_]*[:=][\s*_\[]*(a|b|tie)[\s*_\].]*$",
+                          re.IGNORECASE | re.MULTILINE)
 
 
 class JudgeError(UserError):
@@ -73,24 +76,22 @@ class JudgeConfig:
     timeout_s: float = setting(120.0, help="seconds to wait for one verdict")
 
 
-def clean(text: str) -> str:
-    """Hostile text, made unable to close or open the prompt's blocks."""
-    return MARKERS.sub("", text)
-
-
 def judge_messages(rubric: str, history: list[dict[str, str]], prompt: str, first: str, second: str
                    ) -> list[dict[str, str]]:
-    turns = "".join(f"[{m['role']}]: {clean(m['content'])}\n" for m in history)
-    body = (f"<conversation>\n{turns}[user]: {clean(prompt)}\n</conversation>\n\n"
-            f"<answer_a>\n{clean(first)}\n</answer_a>\n\n<answer_b>\n{clean(second)}\n</answer_b>\n\n"
-            "Which answer is better? Reply with a JSON object: a one-sentence \"reason\", then "
-            "\"verdict\": \"A\", \"B\" or \"tie\".")
+    """The question, with every hostile text a JSON string: quotes and newlines inside it are
+    escaped, so nothing in an answer can end its field and speak as the question."""
+    case = json.dumps({"conversation": [{"role": m["role"], "content": m["content"]} for m in history]
+                       + [{"role": "user", "content": prompt}], "answer_A": first, "answer_B": second},
+                      ensure_ascii=False, indent=1)
+    body = (f"The case, as JSON:\n{case}\n\nWhich answer is better? Reply with a JSON object: a one-sentence "
+            "\"reason\", then \"verdict\": \"A\", \"B\" or \"tie\".")
     return [{"role": "system", "content": rubric}, {"role": "user", "content": body}]
 
 
-def parse_verdict(text: str) -> tuple[str, str] | None:
+def parse_verdict(text: str, structured: bool = False) -> tuple[str, str] | None:
     """(verdict "first" | "second" | "tie", reason) from the judge's reply, or None: the JSON object
-    it was asked for, else its last "Verdict: X" line."""
+    it was asked for; without ``structured`` (an endpoint with no JSON schemas), else its last
+    line of the form "Verdict: X"."""
     try:
         data = json.loads(text)
         verdict = VERDICTS.get(str(data.get("verdict", "")).strip().lower())
@@ -98,6 +99,8 @@ def parse_verdict(text: str) -> tuple[str, str] | None:
             return verdict, str(data.get("reason", "")).strip()
     except (ValueError, AttributeError):
         pass
+    if structured:
+        return None
     found = list(VERDICT_LINE.finditer(text))
     if not found:
         return None
@@ -126,8 +129,8 @@ class Judge:
         if self.url.endswith(".json"):  # the app's managed server, from the file it wrote
             try:
                 found = json.loads(Path(self.url).read_text())
-                self.url, api_key = found["url"], found.get("api_key") or api_key
-            except (OSError, ValueError, KeyError) as e:
+                self.url, api_key = str(found["url"]), found.get("api_key") or api_key
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise JudgeError(f"cannot read the endpoint file {self.url} (is the app running with this data "
                                  f"dir?): {e}") from None
         self.http = client or httpx.Client(timeout=cfg.timeout_s)
@@ -160,9 +163,19 @@ class Judge:
                 continue
             if r.status_code in (401, 403):
                 raise JudgeError(f"the judge endpoint refused the key ({r.status_code}); set OPENAI_API_KEY")
+            if r.status_code == 400:  # this request (e.g. longer than the judge's context): this pair only
+                logger.warning("the judge endpoint refused a request: %s", r.text[:200])
+                return None
             if r.status_code != 200:
                 raise JudgeError(f"the judge endpoint answered {r.status_code}: {r.text[:200]}")
-            return parse_verdict(r.json()["choices"][0]["message"]["content"] or "")
+            try:
+                choice = r.json()["choices"][0]
+                if choice.get("finish_reason") == "length":
+                    return None  # cut at --max-tokens: not a verdict
+                return parse_verdict(choice["message"]["content"] or "", self.structured)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                raise JudgeError("the judge endpoint's reply is not an OpenAI chat completion: "
+                                 f"{r.text[:200]}") from None
         raise JudgeError(f"the judge endpoint {self.url} kept failing (429 or 5xx)")
 
     def verdict(self, pair: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -189,10 +202,13 @@ def connect(cfg: JudgeConfig, env: dict[str, str] | None = None):
     if not password and not token:
         raise JudgeError("set PREFLOOP_PASSWORD (the judge account's password) or PREFLOOP_TOKEN (an API token an "
                          "admin issued in the Admin tab)")
+    # gradio_client sends the local Hugging Face token to the app; only a Space (whose proxy may
+    # need it) gets it, never any other address
+    hub_token = None if (urlparse(cfg.app).hostname or "").endswith(".hf.space") else False
     try:
         if password:
-            return Client(cfg.app, auth=(cfg.user, password), verbose=False)
-        return Client(cfg.app, headers={"Authorization": f"Bearer {token}"}, verbose=False)
+            return Client(cfg.app, auth=(cfg.user, password), verbose=False, token=hub_token)
+        return Client(cfg.app, headers={TOKEN_HEADER: token}, verbose=False, token=hub_token)
     except Exception as e:  # gradio_client raises plain exceptions for refused logins and dead hosts
         raise JudgeError(f"cannot log in to {cfg.app} as {cfg.user}: {e}") from None
 
@@ -208,6 +224,8 @@ def run(cfg: JudgeConfig, client=None, judge: Judge | None = None, env: dict[str
     counts: Counter = Counter()
     while not cfg.votes or counts["votes"] < cfg.votes:
         pair = _call(client, "", api_name="/next_pair")
+        if not isinstance(pair, dict) or not {"pair_id", "prompt", "left", "right"} <= set(pair):
+            raise JudgeError(f"{cfg.app} is not a PrefLoop app (its /next_pair answered {str(pair)[:100]})")
         found = judge.verdict(pair)
         if found is None:
             counts["unreadable"] += 1
@@ -221,7 +239,8 @@ def run(cfg: JudgeConfig, client=None, judge: Judge | None = None, env: dict[str
         counts["votes"] += 1
         counts[vote] += 1
         counts["inconsistent"] += orders.split(",")[0] != orders.split(",")[1]
-        out(f"vote {counts['votes']}/{cfg.votes or '-'}: {vote} ({orders}) {reason[:80]}")
+        shown = "".join(c if c.isprintable() else " " for c in reason[:80])  # no terminal escapes
+        out(f"vote {counts['votes']}/{cfg.votes or '-'}: {vote} ({orders}) {shown}")
     return counts
 
 

@@ -168,13 +168,17 @@ def cohen_kappa(pairs: list[tuple[str, str]]) -> float | None:
 
 def annotator_quality(rows: Iterable[dict]) -> list[AnnotatorQuality]:
     """Per annotator, from vote rows (storage.votes.VoteStore.votes_with_pairs). Agreement and
-    kappa count every repeat a person took part in, as the original's voter or the repeat's."""
+    kappa count every repeat a person took part in, as the original's voter or the repeat's, with
+    another person (an AI judge's comparisons are judge_agreement's)."""
     rows = list(rows)
     by: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by[r["annotator"]].append(r)
+    judges = {r["annotator"] for r in rows if r.get("judge")}  # measured against people in judge_agreement
     involved: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for a, ca, b, cb in repeat_judgements(rows):
+        if a in judges or b in judges:
+            continue
         involved[a].append((ca, cb))
         if b != a:
             involved[b].append((ca, cb))

@@ -27,6 +27,7 @@ from storage.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+TOKEN_HEADER = "x-prefloop-token"  # where scripts send an API token (hf mode)
 PEOPLE_CHANGES = "people_changes"  # settings key: admins and annotators changed in the Admin tab
 
 
@@ -358,17 +359,17 @@ class Access:
         return person
 
     def token_person(self, request: Any) -> Person | None:
-        """hf mode: a script or judge sending ``Authorization: Bearer <token>``, a token an admin
-        issued and has not revoked (checked against the store on every request, so a revocation
-        holds from the next one). The person is the name the token is bound to."""
+        """hf mode: a script or judge sending the header ``X-PrefLoop-Token: <token>``, a token an
+        admin issued and has not revoked (checked against the store on every request, so a
+        revocation holds from the next one). The person is the name the token is bound to. Not
+        ``Authorization``: a private Space's proxy reads that header for the Hub's own tokens."""
         headers = getattr(request, "headers", None)
         if headers is None:
             headers = getattr(getattr(request, "request", None), "headers", None)
-        value = (headers.get("authorization") if headers is not None else None) or ""
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = ((headers.get(TOKEN_HEADER) if headers is not None else None) or "").strip()
+        if not token:
             return None
-        name = self.store.token_name(token.strip())
+        name = self.store.token_name(token)
         return Person(name, name, token=True) if name else None
 
     def _listed(self, person: Person, names: set[str]) -> bool:

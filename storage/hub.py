@@ -236,6 +236,7 @@ class HubSync:
         and old preference segments removed (the snapshots replace them)."""
         import pyarrow.parquet as pq
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.errors import EntryNotFoundError
 
         ops = []
         for rel in sorted(remote):
@@ -245,12 +246,17 @@ class HubSync:
                 # current, or newer than this PrefLoop: left alone
                 continue
             if parts[0] == "votes":
-                local = self.api.hf_hub_download(self.repo_id, rel, repo_type="dataset",
-                                                 cache_dir=self.staged.parent / "upgrade-cache")
                 new_rel = rel[: version.start() if version else -len(".parquet")] + SEGMENT_SUFFIX
                 out = self.staged.parent / "upgraded" / Path(new_rel).name
                 out.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(upgrade_votes(pq.read_table(local)), out)
+                try:
+                    local = self.api.hf_hub_download(self.repo_id, rel, repo_type="dataset",
+                                                     cache_dir=self.staged.parent / "upgrade-cache")
+                    pq.write_table(upgrade_votes(pq.read_table(local)), out)
+                except (OSError, ValueError, EntryNotFoundError) as e:  # pyarrow's are ValueError or OSError
+                    # one unreadable old file must not stop new votes from reaching the Hub (next push: again)
+                    logger.error("hub: %s could not be upgraded (%s); left as it is", rel, e)
+                    continue
                 if new_rel not in remote:
                     ops.append(CommitOperationAdd(path_in_repo=new_rel, path_or_fileobj=str(out)))
                 ops.append(CommitOperationDelete(path_in_repo=rel))

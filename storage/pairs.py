@@ -7,7 +7,8 @@ is exactly what PrefLoop's own rounds train on.
 - A vote of an excluded person, and a repeat shown to measure agreement, train nothing.
 - An AI judge's vote trains only where an admin included that judge, except while rounds
   bootstrap on judges (an admin's setting: until N usable votes of people exist, a round trains
-  on the judges' votes alone, as a distilled round 0; then on people's).
+  on the judges' votes alone, as a distilled round 0, and its gate scores people's held-out votes
+  where there are any; then on people's).
 - left / right: one pair. A tie: both orderings (IPO regresses the length-normalised log-ratio gap
   to 1/(2 beta) for each, so the two targets cancel and the optimum for p = 1/2 is a zero margin).
   Both bad: nothing (it says nothing about the order).
@@ -101,9 +102,11 @@ def build_pairs(rows: Iterable[dict[str, Any]], heldout_fraction: float = HELDOU
                 bootstrap_until: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Votes (oldest first) -> (train, held-out) pairs, in vote order; a tie's two orderings stay
     together in train, and a held-out tie is in neither."""
+    rows = list(rows)
+    selected, kind = training_rows(rows, bootstrap_until)
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
-    for row in training_rows(rows, bootstrap_until)[0]:
+    for row in selected:
         pairs = vote_to_pairs(row)
         if not pairs:
             continue
@@ -111,4 +114,8 @@ def build_pairs(rows: Iterable[dict[str, Any]], heldout_fraction: float = HELDOU
             train.extend(pairs)
         elif row["choice"] != "tie":
             heldout.extend(pairs)
+    if kind == JUDGE:  # a distilled round is judged by people's held-out votes, where there are any
+        people = [p for row in rows if not row.get("judge") and trainable(row) and row["choice"] != "tie"
+                  and is_heldout(row["messages"], heldout_fraction) for p in vote_to_pairs(row)]
+        heldout = people or heldout
     return train, heldout

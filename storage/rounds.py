@@ -71,10 +71,12 @@ class RoundLog:
             row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status = ?", (PROMOTED,)).fetchone()
         return row[0] or 0
 
-    def last_attempt_watermark(self) -> int:
-        """The watermark of the newest finished round, whatever its verdict."""
+    def last_attempt_watermark(self, judges: bool | None = None) -> int:
+        """The watermark of the newest finished round, whatever its verdict; ``judges`` True: of a
+        round on the judges' votes alone (a bootstrap round), False: of any other."""
+        kind = "" if judges is None else (" AND votes_kind IS 'judge'" if judges else " AND votes_kind IS NOT 'judge'")
         with self.store._conn() as conn:
-            row = conn.execute("SELECT MAX(watermark) FROM rounds WHERE status != ?", (RUNNING,)).fetchone()
+            row = conn.execute(f"SELECT MAX(watermark) FROM rounds WHERE status != ?{kind}", (RUNNING,)).fetchone()
         return row[0] or 0
 
     def consumed_votes(self) -> set[int]:

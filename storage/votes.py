@@ -342,14 +342,15 @@ class VoteStore:
 
     # -- repeats (agreement) and exclusions ------------------------------------------------
 
-    def repeat_candidate(self, annotator: str, people_only: bool = False) -> str | None:
-        """A random voted pair (not itself a repeat) that ``annotator`` has not been shown again yet;
-        ``people_only``: one a person (not a judge) voted on."""
+    def repeat_candidate(self, annotator: str) -> str | None:
+        """A random pair a person (not an AI judge) voted on, not itself a repeat, that
+        ``annotator`` has not been shown again yet: people's agreement is measured among people,
+        and a judge's against people."""
         with self._conn() as conn:
             row = conn.execute(
-                f"""SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id AND v.superseded_by IS NULL
+                """SELECT p.id FROM pairs p JOIN votes v ON v.pair_id = p.id AND v.superseded_by IS NULL
                    LEFT JOIN prompts pr ON pr.id = p.prompt_id
-                   WHERE p.repeat_of IS NULL {"AND v.judge = 0" if people_only else ""}
+                   WHERE p.repeat_of IS NULL AND v.judge = 0
                      AND (pr.owner IS NULL OR pr.owner = ?)
                      AND NOT EXISTS (SELECT 1 FROM pairs r WHERE r.repeat_of = p.id AND r.annotator = ?)
                    ORDER BY RANDOM() LIMIT 1""",
@@ -415,10 +416,14 @@ class VoteStore:
             raise VoteRejected(f"the reason is {len(reason)} characters; keep it under {MAX_REASON_CHARS}")
         orders = (judge_orders or "").strip() or None
         if orders is not None:
-            parts = orders.split(",")
-            if len(parts) != 2 or any(Choice.parse(x).value not in ("left", "right", "tie") for x in parts):
+            parts = [Choice.parse(x.strip().lower()).value for x in orders.split(",")]
+            if len(parts) != 2 or any(x not in ("left", "right", "tie") for x in parts):
                 raise VoteRejected("orders is two verdicts (left, right or tie) separated by a comma, "
                                    "e.g. 'left,right'")
+            if choice.value != (parts[0] if parts[0] == parts[1] else "tie"):
+                raise VoteRejected(f"orders {parts[0]},{parts[1]} make the vote "
+                                   f"{parts[0] if parts[0] == parts[1] else 'tie'}, not {choice.value}")
+            orders = ",".join(parts)
 
         def write(conn: sqlite3.Connection) -> tuple[int, bool]:  # inside the batch's transaction
             pair = conn.execute("SELECT annotator, created_at FROM pairs WHERE id = ?", (pair_id,)).fetchone()
@@ -487,14 +492,16 @@ class VoteStore:
 
     def agreement_of(self, annotator: str) -> tuple[int, int]:
         """(agreed, compared): this person's current votes against another person's on the same pair
-        shown again (as the original's voter or the repeat's), sides mapped back when swapped."""
+        shown again (as the original's voter or the repeat's), sides mapped back when swapped; AI
+        judges' votes are not a person's."""
         with self._conn() as conn:
             rows = conn.execute(
                 """SELECT o.choice, r.choice, rp.repeat_swapped
                    FROM pairs rp
                    JOIN votes r ON r.pair_id = rp.id AND r.superseded_by IS NULL
                    JOIN votes o ON o.pair_id = rp.repeat_of AND o.superseded_by IS NULL
-                   WHERE (o.annotator = ? OR r.annotator = ?) AND o.annotator != r.annotator""",
+                   WHERE (o.annotator = ? OR r.annotator = ?) AND o.annotator != r.annotator
+                     AND o.judge = 0 AND r.judge = 0""",
                 (annotator, annotator)).fetchall()
         agreed = sum(1 for orig, rep, sw in rows if (SWAPPED[rep] if sw else rep) == orig)
         return agreed, len(rows)
@@ -663,10 +670,11 @@ class VoteStore:
         if not token.startswith("pl_") or len(token) > 100:
             return None
         with self._conn() as conn:
-            row = conn.execute("SELECT id, name FROM api_tokens WHERE digest = ? AND revoked_at IS NULL",
+            row = conn.execute("SELECT id, name, used_at FROM api_tokens WHERE digest = ? AND revoked_at IS NULL",
                                (token_digest(token),)).fetchone()
-            if row is not None:
-                conn.execute("UPDATE api_tokens SET used_at = ? WHERE id = ?", (time.time(), row["id"]))
+            now = time.time()
+            if row is not None and (row["used_at"] is None or now - row["used_at"] > 60):  # a write a minute at most
+                conn.execute("UPDATE api_tokens SET used_at = ? WHERE id = ?", (now, row["id"]))
         return None if row is None else row["name"]
 
     def tokens(self) -> list[dict[str, Any]]:

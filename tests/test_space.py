@@ -362,6 +362,14 @@ def test_a_rename_keeps_a_persons_votes_together_and_does_not_pass_on_an_admin_n
     assert not impostor["success"]
 
 
+def _refusal(app: RunningApp, headers: dict[str, str]) -> str:
+    from gradio_client import Client
+
+    with pytest.raises(Exception) as refused:
+        Client(app.url, verbose=False, headers=headers).predict("", api_name="/next_pair")
+    return str(refused.value)
+
+
 def test_an_api_token_votes_as_its_name_until_revoked_and_never_reaches_the_admin_tab(space_app):
     """Where people sign in with Hugging Face there are no passwords: scripts and judges send a
     token an admin issued, bound to one name, stored hashed."""
@@ -376,19 +384,18 @@ def test_an_api_token_votes_as_its_name_until_revoked_and_never_reaches_the_admi
         stored = db.execute("SELECT name, digest FROM api_tokens").fetchall()
         assert stored == [("robo", hashlib.sha256(token.encode()).hexdigest())]  # the hash only
         assert token not in json.dumps(db.execute("SELECT * FROM settings").fetchall())
-    robo = Client(space_app.url, verbose=False, headers={"Authorization": f"Bearer {token}"})
+    assert "log in first" in _refusal(space_app, {"Authorization": f"Bearer {token}"})  # a private Space's header
+    robo = Client(space_app.url, verbose=False, headers={"X-PrefLoop-Token": token})
     pair = robo.predict("", api_name="/next_pair")
     assert robo.predict(pair["pair_id"], "left", api_name="/vote")["choice"] == "left"
     with sqlite3.connect(space_app.data_dir / "votes.db") as db:
         assert db.execute("SELECT annotator FROM votes WHERE pair_id = ?", (pair["pair_id"],)).fetchone() == ("robo",)
-    as_token = httpx.Client(base_url=space_app.url, timeout=60, headers={"Authorization": f"Bearer {token}"})
+    as_token = httpx.Client(base_url=space_app.url, timeout=60, headers={"X-PrefLoop-Token": token})
     assert not _admin_event(space_app, as_token, "admin_refresh")["success"]  # a token is never an admin...
     assert _admin_event(space_app, me, "admin_make_admin", ["robo"])["success"]
     assert not _admin_event(space_app, as_token, "admin_refresh")["success"]  # ...not even one bound to an admin's name
     assert _admin_event(space_app, me, "admin_remove_admin", ["robo"])["success"]
-    forged = Client(space_app.url, verbose=False, headers={"Authorization": "Bearer pl_" + "x" * 43})
-    with pytest.raises(Exception, match="log in first"):
-        forged.predict("", api_name="/next_pair")
+    assert "log in first" in _refusal(space_app, {"X-PrefLoop-Token": "pl_" + "x" * 43})  # a forged one
     assert _admin_event(space_app, me, "admin_token_revoke", ["robo"])["success"]
     with pytest.raises(Exception, match="log in first"):  # refused from the next request
         robo.predict("", api_name="/next_pair")

@@ -178,3 +178,25 @@ def test_a_repo_written_under_the_older_schema_is_upgraded_and_loads_as_one_tabl
         assert sync.push() == 0 and len(hub.commits) == commits  # up to date: nothing more to do
     finally:
         hub.close()
+
+
+def test_an_unreadable_old_segment_is_left_alone_and_new_votes_still_reach_the_hub(log):
+    """One damaged file an older PrefLoop left in the repo must not stop every later push."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    store, tmp = log
+    hub = HubStub()
+    try:
+        api = HfApi(endpoint=hub.url, token="hf_stand_in")
+        repo = "me/prefloop-votes"
+        api.create_repo(repo, repo_type="dataset", private=True)
+        api.create_commit(repo, repo_type="dataset", commit_message="an older PrefLoop", operations=[
+            CommitOperationAdd("votes/20260101T000000-dead-000001.v2.parquet", b"not parquet at all"),
+            CommitOperationAdd("README.md", OLD_CARD)])
+        sync = HubSync(store, tmp / "hub", repo, api, backoff_s=0.01, salt="s")
+        assert sync.push() > 0 and sync.status.last_error is None
+        files = hub.files(repo)
+        assert files["votes/20260101T000000-dead-000001.v2.parquet"] == b"not parquet at all"  # left as it was
+        assert [p for p in files if p.startswith("votes/") and p.endswith(".v3.parquet")]  # the new votes
+    finally:
+        hub.close()

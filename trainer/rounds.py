@@ -289,9 +289,11 @@ class Rounds:
         return self.log.last_watermark()
 
     def last_attempt_watermark(self) -> int:
-        """The watermark of the newest finished round, whatever its verdict: the schedule counts new
-        votes from here, so a rejected round does not trigger again on the same votes."""
-        return self.log.last_attempt_watermark()
+        """The watermark of the newest finished round of the kind the next one will be (on the
+        judges' votes while bootstrapping, else on people's), whatever its verdict: the schedule
+        counts new votes from here, so a rejected round does not trigger again on the same votes,
+        and people's votes cast during a bootstrap count for the first round on people."""
+        return self.log.last_attempt_watermark(judges=self.store.bootstrapping())
 
     def awaiting(self) -> dict[str, Any] | None:
         """The round waiting for an admin's decision (manual promotion), if any."""

@@ -207,8 +207,13 @@ def set_judge(admin: Admin, name: str | None, on: bool, request: Any) -> str:
     if on:
         if name in admin.access.admins:
             raise refused(f"{name} is an admin; a judge is an account of its own")
+        if admin.access.mode == "hf" and name in {n for k, n in admin.store.people().items() if k.startswith("hf:")}:
+            raise refused(f"{name} is a Hugging Face account (its votes are stored under its account id); a judge "
+                          "is an account of its own: pick another name and issue it an API token")
         admin.store.set_judge(name, True, by=person.name, trained=admin.store.judges().get(name, False))
-        return f"{name} is a judge: its votes are marked as a judge's and do not train unless you include it"
+        token = " Issue it an API token to vote with." if admin.access.mode == "hf" else ""
+        return (f"{name} is a judge: its votes from now on are marked as a judge's and do not train unless you "
+                f"include it.{token}")
     if name not in admin.store.judges():
         raise refused(f"{name} is not a judge")
     admin.store.set_judge(name, False, by=person.name)
@@ -250,7 +255,7 @@ def issue_token(admin: Admin, name: str | None, request: Any) -> str:
         raise refused(f"{name} is an admin; a token is for a script or judge account of its own")
     token = admin.store.issue_token(name, by=person.name)
     return (f"API token for **{name}** (shown once: copy it now; only its hash is kept): `{token}`. "
-            "Scripts send it as `Authorization: Bearer <token>`; the judge reads it from PREFLOOP_TOKEN.")
+            "Scripts send it in the header `X-PrefLoop-Token`; the judge reads it from PREFLOOP_TOKEN.")
 
 
 def revoke_tokens(admin: Admin, name: str | None, request: Any) -> str:
