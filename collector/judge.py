@@ -140,6 +140,7 @@ class Judge:
     def ask(self, history: list[dict[str, str]], prompt: str, first: str, second: str) -> tuple[str, str] | None:
         body: dict[str, Any] = {"model": self.cfg.judge_model, "temperature": 0.0, "max_tokens": self.cfg.max_tokens,
                                 "messages": judge_messages(self.rubric, history, prompt, first, second)}
+        fell_back = False  # this request was refused with a JSON schema and is asked again without one
         for attempt in range(4):
             if self.structured:
                 body["response_format"] = {"type": "json_schema",
@@ -154,9 +155,8 @@ class Judge:
                     raise JudgeError(f"the judge endpoint {self.url} did not answer: {e}") from None
                 time.sleep(2**attempt)
                 continue
-            if r.status_code == 400 and self.structured and "response_format" in r.text:
-                logger.info("the judge endpoint has no JSON-schema output; reading a 'Verdict:' line instead")
-                self.structured = False
+            if r.status_code == 400 and self.structured:  # no JSON schemas there, or this request is refused
+                self.structured, fell_back = False, True
                 continue
             if r.status_code == 429 or r.status_code >= 500:
                 time.sleep(2**attempt)
@@ -165,7 +165,10 @@ class Judge:
                 raise JudgeError(f"the judge endpoint refused the key ({r.status_code}); set OPENAI_API_KEY")
             if r.status_code == 400:  # this request (e.g. longer than the judge's context): this pair only
                 logger.warning("the judge endpoint refused a request: %s", r.text[:200])
+                self.structured = self.structured or fell_back
                 return None
+            if fell_back:
+                logger.info("the judge endpoint has no JSON-schema output; reading a 'Verdict:' line instead")
             if r.status_code != 200:
                 raise JudgeError(f"the judge endpoint answered {r.status_code}: {r.text[:200]}")
             try:
@@ -180,7 +183,7 @@ class Judge:
 
     def verdict(self, pair: dict[str, Any]) -> tuple[str, str, str] | None:
         """(vote, reason, orders) for a pair as `/next_pair` gives it; None if the judge gave no
-        readable verdict in either order (the pair is left unvoted)."""
+        readable verdict in one of the orders (the pair is left unvoted)."""
         history = pair.get("history") or []
         shown = self.ask(history, pair["prompt"], pair["left"], pair["right"])
         swapped = self.ask(history, pair["prompt"], pair["right"], pair["left"])
@@ -188,7 +191,7 @@ class Judge:
             return None
         vote, orders = combine(shown[0], swapped[0])
         reason = (shown[1] or swapped[1] or "no reason given").replace("\n", " ")
-        if vote == "tie" and shown[0] != "tie":
+        if len(set(orders.split(","))) == 2:
             reason = f"inconsistent across orders ({orders}): {reason}"
         return vote, reason[: min(300, MAX_REASON_CHARS)], orders
 

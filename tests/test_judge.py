@@ -16,7 +16,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from collector.judge import combine, judge_messages, parse_verdict
+from collector.judge import Judge, JudgeConfig, JudgeError, combine, judge_messages, parse_verdict
 from collector.quality import PEOPLE_WITH_PEOPLE, annotator_quality, judge_agreement, outcomes_from_votes, wilson
 from storage.errors import VoteRejected
 from storage.export import export_all
@@ -61,6 +61,36 @@ def test_hostile_answers_reach_the_judge_as_json_strings_that_cannot_pose_as_the
     case = _case(user["content"])
     assert case == {"conversation": [{"role": "user", "content": "Q?"}], "answer_A": hostile, "answer_B": "fine"}
     assert system["content"] == "rubric"
+
+
+def _endpoint(handler) -> Judge:
+    """A judge whose endpoint is ``handler`` (httpx's in-process transport): a stand-in for servers
+    that behave otherwise than the vLLM one the app test uses (no JSON schemas, refusals)."""
+    return Judge(JudgeConfig(), client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+def _reply(content: str, finish: str = "stop") -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"message": {"content": content}, "finish_reason": finish}]})
+
+
+def test_an_endpoint_without_json_schemas_is_read_by_its_verdict_line_and_refusals_skip_the_pair():
+    asked = []
+
+    def no_schemas(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        asked.append("response_format" in body)
+        return httpx.Response(400, text="unknown field") if "response_format" in body else _reply("Short.\nVerdict: A")
+
+    judge = _endpoint(no_schemas)
+    assert judge.ask([], "Q?", "a", "b") == ("first", "Short.") and asked == [True, False]
+    assert judge.ask([], "Q?", "a", "b") == ("first", "Short.") and asked == [True, False, False]  # remembered
+    refusing = _endpoint(lambda request: httpx.Response(400, text="too long for the context"))
+    assert refusing.ask([], "Q?", "a", "b") is None and refusing.structured  # one pair skipped, schemas kept
+    assert _endpoint(lambda r: _reply('{"reason": "A is', "length")).ask([], "Q?", "a", "b") is None  # cut short
+    with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
+        _endpoint(lambda r: httpx.Response(401)).ask([], "Q?", "a", "b")
+    with pytest.raises(JudgeError, match="not an OpenAI chat completion"):
+        _endpoint(lambda r: httpx.Response(200, text="<html>")).ask([], "Q?", "a", "b")
 
 
 # -- marks, training, bootstrap ----------------------------------------------------------------
