@@ -73,6 +73,9 @@ class EngineConfig:
             CPU machine vLLM computes on every core; the app sets 10 there, so that a vote is
             answered at once however busy generation is (bench/vote_under_load.py).
         env (dict, default {}): more environment for the managed server (e.g. PREFLOOP_HUB_ADAPTERS).
+        weight_reload (bool, default False): the server can replace its weights in place
+            (``Engine.reload_weights``): vLLM's dev routes on, which PrefLoop's plugin puts behind
+            the API key (vLLM guards only /v1 and a few others).
     """
 
     model: str = ""
@@ -92,6 +95,7 @@ class EngineConfig:
     pid_file: Path | None = None
     niceness: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    weight_reload: bool = False
 
 
 def free_port() -> int:
@@ -146,6 +150,9 @@ class VLLMServer:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_API_KEY"] = self.api_key
         env["PREFLOOP_DIE_WITH_PARENT"] = "1"  # collector/vllm_plugin.py: each vLLM process dies with its parent
+        if self.config.weight_reload:
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /pause, /collective_rpc, /resume (Engine.reload_weights)
+            env["PREFLOOP_GUARD_DEV_ROUTES"] = "1"  # collector/vllm_plugin.py: behind the API key
         env.update(self.config.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kvcache_gb))
         if len(os.sched_getaffinity(0)) <= 2:
@@ -389,6 +396,37 @@ class Engine:
     def _post_load(self, ep: Endpoint, name: str, path: str | Path) -> httpx.Response:
         return httpx.post(f"{ep.url}/v1/load_lora_adapter", headers=ep.headers, timeout=120,
                           json={"lora_name": self.vllm_name(name), "lora_path": str(path)})
+
+    def reload_weights(self, path: str | Path, timeout_s: float = 600.0) -> float:
+        """Replace the base weights of every endpoint in place with the model folder ``path``
+        (safetensors; e.g. a version's adapter merged into the base), without a restart; returns
+        the seconds it took. Each endpoint finishes what it is generating and holds new requests
+        (vLLM's pause, mode "wait", which also clears its prefix cache), reloads through its
+        workers' ``reload_weights`` (vLLM's layer-wise in-place reload), and resumes, also when the
+        reload fails (EngineError then, and the endpoint serves what it had: vLLM copies into the
+        existing tensors only after reading the new ones). Adapters stay registered; vLLM loads
+        them again from their folders at their next request. Needs servers started with
+        ``weight_reload`` (dev routes)."""
+        started = time.monotonic()
+        for ep in self.endpoints:
+            try:
+                r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
+                               headers=ep.headers, timeout=timeout_s)
+                if r.status_code != 200:
+                    raise EngineError(f"vLLM at {ep.url} cannot pause for a weight reload ({r.status_code}: "
+                                      f"{_error_text(r)}); start it with weight reload on (dev routes)")
+                try:
+                    r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
+                                   json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
+                    if r.status_code != 200:
+                        raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
+                finally:
+                    httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
+            except httpx.HTTPError as e:
+                raise EngineError(f"vLLM at {ep.url} did not answer during a weight reload: {e}") from None
+        seconds = time.monotonic() - started
+        logger.info("weights reloaded from %s in %.1f s", path, seconds)
+        return seconds
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal.

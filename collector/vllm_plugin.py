@@ -123,6 +123,27 @@ class HubAdapterResolver:
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=folder)  # vLLM assigns the id
 
 
+# vLLM's routes in dev mode (VLLM_SERVER_DEV_MODE=1), which its API key does not guard: it guards
+# paths under /v1, /v2, /inference and /cohere only. collective_rpc runs any worker method.
+DEV_ROUTES = ("/abort_requests", "/collective_rpc", "/finish_weight_update", "/get_world_size",
+              "/init_weight_transfer_engine", "/is_paused", "/is_sleeping", "/pause", "/release_kv_cache_memory",
+              "/reset_encoder_cache", "/reset_mm_cache", "/reset_prefix_cache", "/resume", "/server_info",
+              "/shutdown_weight_transfer_engine", "/sleep", "/start_draft_weight_update", "/start_weight_update",
+              "/update_weight_version", "/update_weights", "/wake_up", "/weight_checker", "/weight_info")
+
+
+def guard_dev_routes() -> None:
+    """Put vLLM's dev routes behind its API key: the middleware reads the module's prefixes at
+    each request, so extending them here (in the API server process, before it serves) guards
+    them. tests/test_merged.py checks a request without the key is refused."""
+    try:
+        from vllm.entrypoints.serve.middleware import authenticate
+    except ImportError:  # another vLLM layout: nothing to extend
+        logger.warning("PrefLoop could not guard vLLM's dev routes; keep the server on 127.0.0.1")
+        return
+    authenticate.GUARDED_PREFIX = tuple(dict.fromkeys((*authenticate.GUARDED_PREFIX, *DEV_ROUTES)))
+
+
 def register() -> None:
     """Entry point. In a server PrefLoop manages (PREFLOOP_DIE_WITH_PARENT=1), every vLLM process
     dies with its parent, so that a killed app takes the whole server along (the API server dies
@@ -135,6 +156,8 @@ def register() -> None:
         from storage.procs import die_with_parent
 
         die_with_parent()
+    if os.environ.get("PREFLOOP_GUARD_DEV_ROUTES") == "1":
+        guard_dev_routes()
     if os.environ.get("PREFLOOP_HUB_ADAPTERS"):
         from vllm.lora.resolver import LoRAResolverRegistry
 

