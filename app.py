@@ -83,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-api-key", default=os.environ.get("VLLM_API_KEY"),
                    help="API key of attached vLLM servers (env VLLM_API_KEY)")
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank vLLM accepts")
+    g.add_argument("--serving", choices=["auto", "merged", "lora"], default=os.environ.get("PREFLOOP_SERVING", "auto"),
+                   help="merged: the served version's adapter is merged into the base and reloaded in place, so pairs "
+                   "run at the base model's speed (arena opponents as LoRA deltas); lora: it is served as an adapter. "
+                   "auto: merged for the vLLM server PrefLoop starts, lora for --vllm-url servers "
+                   "(env PREFLOOP_SERVING)")
     g.add_argument("--max-model-len", type=int, default=2048, help="vLLM context length")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory vLLM may take (CUDA only). Default: from the card's size, leaving "
@@ -150,10 +155,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapters_from_hub and not (args.hub_model and args.vllm_url):
         p.error("--adapters-from-hub needs --hub-model (where the adapters are published) and --vllm-url (the "
                 "servers that load them)")
+    if args.serving == "merged" and args.adapters_from_hub:
+        p.error("--serving merged needs the servers to read the app's merged weights; with --adapters-from-hub "
+                "use --serving lora")
     if args.lora_r > args.max_lora_rank:
         p.error(f"--lora-r {args.lora_r} exceeds --max-lora-rank {args.max_lora_rank}: "
                 "vLLM would refuse the adapters")
     return args
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+
+
+def server_lora_rank(max_rank: int, mode: str) -> int:
+    """The server's --max-lora-rank: merged serving's arena deltas stack two adapters (rank 2r)."""
+    need = 2 * max_rank if mode == "merged" else max_rank
+    return next((r for r in VLLM_LORA_RANKS if r >= need), need)
 
 
 def check_port(host: str, port: int) -> None:
@@ -260,12 +277,14 @@ def build(args: argparse.Namespace) -> App:
         plan = plan_for(total_gib, ModelShape.from_folder(model, args.max_model_len), serve_here=not args.vllm_url)
     if plan is not None:
         logger.info("GPU plan: %s", plan.note)
+    serving_mode = args.serving if args.serving != "auto" else ("lora" if args.vllm_url else "merged")
     if args.vllm_url:
         engine = Engine.attach(args.vllm_url, args.vllm_api_key,
                                hub_repo=args.hub_model if args.adapters_from_hub else None)
     else:
         engine = Engine.launch(EngineConfig(
-            model=model, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+            model=model, max_lora_rank=server_lora_rank(args.max_lora_rank, serving_mode),
+            max_model_len=args.max_model_len, weight_reload=serving_mode == "merged",
             gpu_memory_utilization=args.gpu_memory_utilization or (plan and plan.gpu_memory_utilization),
             quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
             extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log",
@@ -275,7 +294,11 @@ def build(args: argparse.Namespace) -> App:
         ep = engine.endpoints[0]
         write_private(data_dir / ENDPOINT_FILE, json.dumps({"url": f"{ep.url}/v1", "api_key": ep.api_key}))
     try:
-        serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank)
+        if serving_mode == "merged":
+            engine.check_reload()
+        serving = Serving(engine, store, data_dir / "adapters", model, args.max_lora_rank, mode=serving_mode,
+                          merged_dir=data_dir / "merged")
+        logger.info("serving mode: %s", serving_mode)
         rounds = Rounds(store, data_dir, model)
         rounds.cleanup()
         serving.restore()

@@ -208,7 +208,8 @@ class Annotation:
         """Sample a pair for ``messages`` (None: the queue's next prompt) in a generation slot,
         streaming, then store it and yield it as ``shown`` gives it."""
         # The slot first: a request that will be told "busy" costs no database work.
-        with self.gate.slot():
+        # The lease: in merged mode the served weights stay those of the versions this pair records.
+        with self.gate.slot(), self.serving.lease():
             if messages is not None:
                 prompt_id = self.store.prompt_id(messages, source=source, owner=annotator)  # theirs until shared
             else:
@@ -217,7 +218,7 @@ class Annotation:
                     raise PromptError("you have seen every prompt; write your own with 'Write your own prompt'")
                 prompt_id, messages = picked
             stream = PairStream(self.serving.engine, messages, self.config.sampling, model=self.serving.current,
-                                models=self.arena_models())
+                                models=self.arena_models(), route=self.serving.route)
             for left, right in stream:
                 yield {"prompt": messages[-1]["content"], "history": messages[:-1], "left": left, "right": right,
                        "done": False}

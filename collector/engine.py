@@ -270,6 +270,7 @@ class Engine:
         self._inflight: dict[str, int] = {}
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.weights: Path | None = None  # weights reloaded in place (None: the model the servers started with)
 
     @classmethod
     def launch(cls, config: EngineConfig) -> Engine:
@@ -332,8 +333,10 @@ class Engine:
             self.server.restart()
         for ep in self.endpoints:
             was = ep.healthy
-            if self._check(ep) and (not was or not self._has_adapters(ep)):
+            if self._probe(ep) and (not was or not self._has_adapters(ep)):
+                ep.healthy = False  # no request until it holds the served weights and adapters again
                 self._resync(ep)
+            self._check(ep)
 
     def _has_adapters(self, ep: Endpoint) -> bool:
         if not self.loaded:
@@ -344,6 +347,13 @@ class Engine:
             return False
 
     def _resync(self, ep: Endpoint) -> None:
+        """A restarted endpoint: the weights reloaded in place first (it started with the base's),
+        then the adapters."""
+        if self.weights is not None:
+            try:
+                self._reload_on(ep, self.weights, 600.0)
+            except EngineError as e:
+                logger.error("could not reload the served weights into %s: %s", ep.url, e)
         for name, path in list(self.loaded.items()):
             if self.hub_repo:
                 try:
@@ -358,11 +368,14 @@ class Engine:
 
     # -- endpoints -----------------------------------------------------------------------
 
-    def _check(self, ep: Endpoint) -> bool:
+    def _probe(self, ep: Endpoint) -> bool:
         try:
-            ep.healthy = httpx.get(f"{ep.url}/health", timeout=5).status_code == 200
+            return httpx.get(f"{ep.url}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
-            ep.healthy = False
+            return False
+
+    def _check(self, ep: Endpoint) -> bool:
+        ep.healthy = self._probe(ep)
         return ep.healthy
 
     def pick(self) -> Endpoint:
@@ -409,24 +422,42 @@ class Engine:
         ``weight_reload`` (dev routes)."""
         started = time.monotonic()
         for ep in self.endpoints:
-            try:
-                r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
-                               headers=ep.headers, timeout=timeout_s)
-                if r.status_code != 200:
-                    raise EngineError(f"vLLM at {ep.url} cannot pause for a weight reload ({r.status_code}: "
-                                      f"{_error_text(r)}); start it with weight reload on (dev routes)")
-                try:
-                    r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
-                                   json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
-                    if r.status_code != 200:
-                        raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
-                finally:
-                    httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
-            except httpx.HTTPError as e:
-                raise EngineError(f"vLLM at {ep.url} did not answer during a weight reload: {e}") from None
+            self._reload_on(ep, path, timeout_s)
+        self.weights = Path(path)
         seconds = time.monotonic() - started
         logger.info("weights reloaded from %s in %.1f s", path, seconds)
         return seconds
+
+    def check_reload(self) -> None:
+        """EngineError unless every endpoint can reload its weights in place (vLLM's dev routes,
+        behind its API key: collector/vllm_plugin.py)."""
+        for ep in self.endpoints:
+            try:
+                r = httpx.get(f"{ep.url}/is_paused", headers=ep.headers, timeout=10)
+            except httpx.HTTPError as e:
+                raise EngineError(f"vLLM at {ep.url} did not answer: {e}") from None
+            if r.status_code != 200:
+                raise EngineError(
+                    f"vLLM at {ep.url} cannot reload weights in place ({r.status_code}), which --serving merged "
+                    "needs: start it with VLLM_SERVER_DEV_MODE=1 and PREFLOOP_GUARD_DEV_ROUTES=1 (PrefLoop installed), "
+                    "on a filesystem it shares with the app, or use --serving lora")
+
+    def _reload_on(self, ep: Endpoint, path: str | Path, timeout_s: float) -> None:
+        try:
+            r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
+                           headers=ep.headers, timeout=timeout_s)
+            if r.status_code != 200:
+                raise EngineError(f"vLLM at {ep.url} cannot pause for a weight reload ({r.status_code}: "
+                                  f"{_error_text(r)}); start it with weight reload on (dev routes)")
+            try:
+                r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
+                               json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
+                if r.status_code != 200:
+                    raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
+            finally:
+                httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
+        except httpx.HTTPError as e:
+            raise EngineError(f"vLLM at {ep.url} did not answer during a weight reload: {e}") from None
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal.

@@ -12,7 +12,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,7 +65,9 @@ class PairStream:
     """Iterate for ``(left, right)`` partial texts; afterwards ``pair`` holds the result.
 
     With ``models`` unset: a same-policy pair, one request with n=2. With ``models=(a, b)``: an
-    arena pair, two concurrent n=1 requests (the caller shuffles the sides).
+    arena pair, two concurrent n=1 requests (the caller shuffles the sides). ``model``/``models``
+    name versions, which the pair records; ``route`` gives the name each is requested under
+    (``Serving.route``: in merged mode the served weights or a delta adapter).
     """
 
     engine: Engine
@@ -74,7 +76,11 @@ class PairStream:
     seed: int | None = None
     model: str | None = None
     models: tuple[str, str] | None = None
+    route: Callable[[str], str] | None = None  # version -> the model name vLLM serves it under
     pair: Pair | None = None
+
+    def _sent(self, version: str) -> str:
+        return self.route(version) if self.route is not None else version
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         if self.models is not None:
@@ -87,7 +93,8 @@ class PairStream:
             ttft: list[float | None] = [None, None]
             total = [0.0, 0.0]
             finish = ["", ""]
-            body = {"model": model, "messages": self.messages, "n": 2, "seed": seed, **self.params.request()}
+            body = {"model": self._sent(model), "messages": self.messages, "n": 2, "seed": seed,
+                    **self.params.request()}
             t0 = time.perf_counter()
             for chunk in self.engine.stream_chat(body):
                 for choice in chunk.get("choices", []):
@@ -122,7 +129,8 @@ class PairStream:
         t0 = time.perf_counter()
 
         def side(i: int, model: str) -> None:
-            body = {"model": model, "messages": self.messages, "n": 1, "seed": seed + i, **self.params.request()}
+            body = {"model": self._sent(model), "messages": self.messages, "n": 1, "seed": seed + i,
+                    **self.params.request()}
             try:
                 for chunk in self.engine.stream_chat(body):
                     for choice in chunk.get("choices", []):

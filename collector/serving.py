@@ -6,6 +6,18 @@ generation, and only then becomes the served version. The previous name is unloa
 in-flight requests have drained; its files stay on disk, so rollback is a flip back. ``Serving``
 alone decides what is served; the record lives in the store (``storage.serving.ServingLog``), so
 an app restart serves the same version. The engine is transport only.
+
+Two modes (``--serving``):
+
+- ``lora``: the served version is an adapter on the base; every token of every pair pays the
+  adapter's extra matrix products.
+- ``merged``: the served version's adapter is merged into the base (in a child process) and the
+  servers reload those weights in place, so ordinary pairs run at the base model's speed. What
+  needs another version at the same time (an arena pair's opponent) is a LoRA *delta* over the
+  merged weights (``collector.merge.delta_adapter``): the base is the current adapter negated, an
+  earlier version the concatenation of its adapter and the negated current one. A pair holds a
+  lease on the weights while it generates; a swap takes them exclusively (its in-flight pairs
+  finish first, new ones wait), so every answer was produced by the version the pair records.
 """
 
 from __future__ import annotations
@@ -13,8 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +113,80 @@ def preflight(adapter_dir: Path, base_model: str, max_rank: int) -> dict[str, An
     return cfg
 
 
+class WeightsLease:
+    """Many pairs generate on the served weights at once; a weight swap needs them alone. A
+    waiting swap goes before pairs that arrive after it (they would otherwise keep it waiting
+    for ever on a busy server)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self, timeout_s: float) -> Iterator[None]:
+        """EngineError if the pairs in flight do not finish within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise EngineError(f"the pairs in flight did not finish within {timeout_s:.0f} s; "
+                                          "the weights were not swapped (try again)")
+                    self._cond.wait(left)
+                self._writer = True
+            finally:
+                self._writers_waiting -= 1
+                self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+MODES = ("merged", "lora")
+DELTA_SEP = "~"  # an arena delta's name: "<version>~<merged version>"
+
+
 class Serving:
     """What is served over an Engine: the current version, its history, swaps and rollback."""
 
-    def __init__(self, engine: Engine, store: VoteStore, adapters_dir: Path, base_model: str, max_rank: int):
+    def __init__(self, engine: Engine, store: VoteStore, adapters_dir: Path, base_model: str, max_rank: int,
+                 mode: str = "lora", merged_dir: Path | None = None, drain_timeout_s: float = 600.0):
+        if mode not in MODES:
+            raise EngineError(f"unknown serving mode {mode!r}; choose one of {', '.join(MODES)}")
         self.engine = engine
         self.store = store
         self.log = ServingLog(store)
         self.adapters_dir = Path(adapters_dir)
         self.base_model = base_model
         self.max_rank = max_rank
+        self.mode = mode
+        self.merged_dir = Path(merged_dir) if merged_dir else self.adapters_dir.parent / "merged"
+        self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
+        self._lease = WeightsLease()
+        self._merging = threading.Lock()  # one merge at a time: two would write the same folder
         self._current = BASE
+        self._weights = BASE  # merged mode: the version whose merged weights the servers hold
 
     @property
     def current(self) -> str:
@@ -117,17 +196,152 @@ class Serving:
     def history(self) -> list[str]:
         return self.log.history()
 
+    # -- what a pair generates on --------------------------------------------------------------
+
+    @contextmanager
+    def lease(self) -> Iterator[None]:
+        """Hold while a pair is chosen and generated: in merged mode the weights do not change
+        under it (a swap waits until it ends); in lora mode versions are adapters that stay
+        loaded while used, and this costs nothing."""
+        if self.mode != "merged":
+            yield
+            return
+        with self._lease.shared():
+            yield
+
+    def route(self, version: str) -> str:
+        """The model name a request for ``version`` is sent to (call under ``lease``): the
+        version's adapter in lora mode; in merged mode the served weights themselves (``base``,
+        vLLM's name for them) for the merged version, a delta adapter for any other."""
+        if self.mode != "merged":
+            return version
+        if version == self._weights:
+            return BASE
+        with self._lock:
+            return self._load_delta(version)
+
+    def _delta_name(self, version: str) -> str:
+        return f"{version}{DELTA_SEP}{self._weights}"
+
+    def _load_delta(self, version: str) -> str:
+        """The delta from the merged weights to ``version``, written and loaded if needed (with
+        ``_lock`` held)."""
+        name = self._delta_name(version)
+        if name in self.engine.loaded:
+            return name
+        from collector.merge import delta_adapter
+
+        target = None if version == BASE else self.adapters_dir / version
+        if target is not None and not target.is_dir():
+            raise AdapterRejected(f"adapter {version!r} not found in {self.adapters_dir}")
+        folder = delta_adapter(target, self.adapters_dir / self._weights, self.merged_dir / "deltas" / name,
+                               self.base_model)
+        self.engine.load_adapter(name, folder)
+        return name
+
+    def _drop_deltas(self) -> None:
+        """Unload the deltas of the weights being replaced (with the lease exclusive: none in use)."""
+        for name in [n for n in self.engine.loaded if DELTA_SEP in n]:
+            self.engine.unload_adapter(name)
+        shutil.rmtree(self.merged_dir / "deltas", ignore_errors=True)
+
+    # -- merged weights ------------------------------------------------------------------------
+
+    def _weights_folder(self, version: str) -> Path:
+        """The folder of ``version``'s merged weights (the base model's own for the base), merged
+        now in a child process if there is none for this adapter's content."""
+        if version == BASE:
+            return base_folder(self.base_model)
+        from collector.engine import adapter_digest
+        from collector.merge import MARKER
+
+        adapter = self.adapters_dir / version
+        if not adapter.is_dir():
+            raise AdapterRejected(f"adapter {version!r} not found in {self.adapters_dir}")
+        out = self.merged_dir / version
+        try:
+            if json.loads((out / MARKER).read_text())["digest"] == adapter_digest(adapter):
+                return out
+        except (OSError, ValueError, KeyError):
+            pass
+        with self._merging:
+            return self._merge(version, adapter, out)
+
+    def _merge(self, version: str, adapter: Path, out: Path) -> Path:
+        from collector.engine import adapter_digest
+        from collector.merge import MARKER
+
+        try:  # merged meanwhile by another swap
+            if json.loads((out / MARKER).read_text())["digest"] == adapter_digest(adapter):
+                return out
+        except (OSError, ValueError, KeyError):
+            pass
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "collector.merge", str(self.base_model), str(adapter), str(out)],
+                              capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
+        logger.info("merged %s into the base in %.1f s", version, time.monotonic() - t0)
+        return out
+
+    def _reload(self, version: str, smoke: bool) -> None:
+        """Make the servers hold ``version``'s merged weights (with the lease exclusive and
+        ``_lock`` held). A failed reload or smoke answer puts the previous weights back."""
+        folder = self._weights_folder(version)
+        previous = self._weights
+        try:
+            self.engine.reload_weights(folder)
+            if smoke:
+                text = self.engine.chat([{"role": "user", "content": "Say hello."}], model=BASE, max_tokens=8,
+                                        temperature=0.0)[0]
+                if not text.strip():
+                    raise AdapterRejected(f"merged {version!r} produced an empty smoke answer")
+        except EngineError as e:
+            try:
+                self.engine.reload_weights(self._weights_folder(previous))
+            except EngineError as again:
+                logger.error("could not put %s's weights back: %s", previous, again)
+            if isinstance(e, AdapterRejected):
+                raise
+            raise AdapterRejected(f"merged {version!r} could not be served: {e}") from e
+        self._drop_deltas()
+        self._weights = version
+
+    def _prune_merged(self) -> None:
+        """Keep the merged folders of the version served and of the one a rollback would serve."""
+        history = self.history()
+        keep = {self._current, *(history[-2:-1] or [])}
+        if not self.merged_dir.is_dir():
+            return
+        for folder in self.merged_dir.iterdir():
+            if folder.is_dir() and folder.name != "deltas" and folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- changing what is served ---------------------------------------------------------------
+
     def _serve(self, name: str, history: list[str]) -> None:
         """Flip to ``name`` (loaded already) and record it (call with ``_lock`` held)."""
-        if name != BASE and name not in self.engine.loaded:
+        if self.mode == "lora" and name != BASE and name not in self.engine.loaded:
             raise EngineError(f"adapter {name!r} is not loaded; load it first")
         previous, self._current = self._current, name
         self.log.record(history)
         logger.info("serving %s (was %s)", name, previous)
 
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around a change of what is served: in merged mode the lease, exclusively (pairs in
+        flight finish, new ones wait), then ``_lock``."""
+        if self.mode == "merged":
+            with self._lease.exclusive(self.drain_timeout_s), self._lock:
+                yield
+        else:
+            with self._lock:
+                yield
+
     def restore(self) -> str:
         """At start: serve the persisted adapter, else the one before it, else the base."""
-        with self._lock:
+        with self._changing():
             history = self.history()
             while history:
                 name = history[-1]
@@ -143,8 +357,15 @@ class Serving:
         logger.info("serving restored: %s", self.current)
         return self.current
 
-    def _load(self, name: str) -> None:
-        """Load ``name`` from this data dir's adapters (call with ``_lock`` held)."""
+    def _load(self, name: str, smoke: bool = False) -> None:
+        """Make ``name`` servable (with ``_changing`` or ``_lock`` held): in lora mode load its
+        adapter from this data dir's adapters; in merged mode reload the servers' weights."""
+        if self.mode == "merged":
+            if name != self._weights:
+                if name != BASE:
+                    preflight(self.adapters_dir / name, self.base_model, self.max_rank)
+                self._reload(name, smoke)
+            return
         if name == BASE:
             return
         path = self.adapters_dir / name
@@ -159,25 +380,39 @@ class Serving:
         self.engine.load_adapter(name, path)
 
     def swap(self, name: str) -> float:
-        """Make ``name`` serve: pre-flight, load, smoke-generate, flip. Returns seconds taken."""
+        """Make ``name`` serve: pre-flight, load (merged: merge and reload), smoke-generate, flip.
+        Returns seconds taken."""
         t0 = time.perf_counter()
-        with self._lock:
-            self._load(name)
-            try:
-                text = self.engine.chat(
-                    [{"role": "user", "content": "Say hello."}], model=name, max_tokens=8, temperature=0.0
-                )[0]
-            except EngineError as e:
-                self.engine.unload_adapter(name)
-                raise AdapterRejected(f"adapter {name!r} failed its smoke generation: {e}") from e
-            if not text.strip():
-                self.engine.unload_adapter(name)
-                raise AdapterRejected(f"adapter {name!r} produced an empty smoke answer")
+        if self.mode == "merged" and name != BASE:
+            preflight(self.adapters_dir / name, self.base_model, self.max_rank)
+            self._weights_folder(name)  # merged before the pairs are held, which then wait only for the reload
+        with self._changing():
             previous = self.current
+            if self.mode == "merged":
+                self._load(name, smoke=True)
+            else:
+                self._load(name)
+                self._smoke(name)
             self._serve(name, [h for h in self.history() if h != name] + [name])
         logger.info("swap %s -> %s in %.2fs", previous, name, time.perf_counter() - t0)
-        self._retire(previous)
+        if self.mode == "merged":
+            self._prune_merged()
+        else:
+            self._retire(previous)
         return time.perf_counter() - t0
+
+    def _smoke(self, name: str) -> None:
+        """Lora mode: ``name`` must answer a short greedy question, else it is unloaded."""
+        try:
+            text = self.engine.chat(
+                [{"role": "user", "content": "Say hello."}], model=name, max_tokens=8, temperature=0.0
+            )[0]
+        except EngineError as e:
+            self.engine.unload_adapter(name)
+            raise AdapterRejected(f"adapter {name!r} failed its smoke generation: {e}") from e
+        if not text.strip():
+            self.engine.unload_adapter(name)
+            raise AdapterRejected(f"adapter {name!r} produced an empty smoke answer")
 
     def serve_on_purpose(self, name: str) -> float:
         """An admin's choice of version: served even if it was rolled back before (the schedule
@@ -186,22 +421,37 @@ class Serving:
         return self.swap(name)
 
     def arena_opponent(self, rng) -> str | None:
-        """An earlier served version or the base, loaded; None while the base serves."""
+        """An earlier served version or the base, ready to route to (call under ``lease``); None
+        while the base serves."""
         if self.current == BASE:
             return None
         choices = [BASE] + [h for h in self.history() if h != self.current]
         pick = rng.choice(choices)
         try:
             with self._lock:
-                self._load(pick)
+                if self.mode == "merged":
+                    self._load_delta(pick)
+                else:
+                    self._load(pick)
         except EngineError as e:  # AdapterRejected included
-            logger.warning("arena opponent %s unavailable (%s); using the base", pick, e)
-            return BASE
+            logger.warning("arena opponent %s unavailable (%s)", pick, e)
+            if pick == BASE or self.mode != "merged":
+                return BASE if pick != BASE else None
+            return self._base_opponent()
         return pick
+
+    def _base_opponent(self) -> str | None:
+        try:
+            with self._lock:
+                self._load_delta(BASE)
+        except EngineError as e:
+            logger.warning("arena opponent base unavailable (%s)", e)
+            return None
+        return BASE
 
     def rollback(self) -> str:
         """Serve the version before the current one (or the base); returns the name now serving."""
-        with self._lock:
+        with self._changing():
             history = self.history()
             current = history.pop() if history else BASE
             target = history[-1] if history else BASE
@@ -209,7 +459,10 @@ class Serving:
             self._serve(target, history)
             self.log.mark_rolled_back(current)
         logger.info("rollback %s -> %s", current, target)
-        self._retire(current)
+        if self.mode == "merged":
+            self._prune_merged()
+        else:
+            self._retire(current)
         return target
 
     def _retire(self, name: str) -> None:
@@ -250,3 +503,16 @@ class Serving:
                 continue
             return name
         return None
+
+
+def base_folder(base_model: str) -> Path:
+    """The local folder of the base model's weights: the model itself, or its Hub snapshot
+    (already in the cache: vLLM downloaded it to serve it)."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base_model, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise EngineError(f"the base model {base_model!r} has no local copy to reload: {e}") from e

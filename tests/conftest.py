@@ -186,9 +186,10 @@ def app(engine, smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[RunningApp]
 
 
 def make_adapter(base_dir: Path, out: Path, r: int = 8, targets: list[str] | None = None, seed: int = 0,
-                 nan: bool = False) -> Path:
+                 nan: bool = False, strength: float = 20.0) -> Path:
     """A real peft LoRA adapter on ``base_dir`` with random, nonzero weights (so it changes
-    greedy output), written like a trained one; ``nan`` poisons one tensor."""
+    greedy output), written like a trained one; ``nan`` poisons one tensor. ``strength`` scales
+    B: the default moves greedy decoding, with a weight change larger than the weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -201,7 +202,7 @@ def make_adapter(base_dir: Path, out: Path, r: int = 8, targets: list[str] | Non
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.mul_(20.0)  # strong enough to move greedy decoding
+                p.mul_(strength)
                 if nan:
                     p.fill_(float("nan"))
                     nan = False

