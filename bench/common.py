@@ -26,6 +26,42 @@ def embedded_model(data_dir: Path) -> Path:
     return ensure_embedded(data_dir / "models")
 
 
+def bench_model(spec: str, data_dir: Path) -> Path:
+    """The model a bench runs on: "embedded" (SmolLM2-135M), "mistral-7b-shape" (Mistral-7B's shape
+    with random bf16 weights and SmolLM2's tokenizer, written once under ``data_dir``: a GPU
+    measurement that needs no Hub), or a local folder."""
+    if spec == "embedded":
+        return embedded_model(data_dir)
+    if spec != "mistral-7b-shape":
+        return Path(spec)
+    out = data_dir / "models" / "mistral-7b-shape"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_model(data_dir))
+    config = MistralConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, tie_word_embeddings=False, sliding_window=None,
+                           torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = MistralForCausalLM(config)  # about 14.5 GB in bf16
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(out, max_shard_size="5GB")
+    tok.save_pretrained(out)
+    return out
+
+
+def big(model: Path) -> bool:
+    """Over 2 GB of weights (loaded in bf16 here, not float32)."""
+    return sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) > 2e9
+
+
 def round_adapter(base: Path, out: Path, r: int = 16) -> Path:
     """A LoRA adapter like a round produces (rank r on all 7 projections), random nonzero weights."""
     if (out / "adapter_config.json").exists():
@@ -38,7 +74,7 @@ def round_adapter(base: Path, out: Path, r: int = 16) -> Path:
 
     torch.manual_seed(0)
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if big(base) else torch.float32),
         LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, init_lora_weights=False,
                    task_type="CAUSAL_LM"),
     )

@@ -1,30 +1,37 @@
-"""Pairs per minute and time to first token for 1, 4 and 8 concurrent annotators.
+"""Pairs per minute and time to first token for 1, 4 and 8 concurrent annotators, side by side:
 
-Three paths on the same prompts (n=2 x 128 tokens, every answer forced to full length):
-  - vLLM-CPU through a LoRA adapter (what annotators get once a round is promoted),
-  - the same vLLM server with no adapter (the ceiling),
-  - plain transformers `generate` + peft, num_return_sequences=2 (one process, sequential).
+  - merged: PrefLoop's --serving merged: a round's adapter merged into the base and reloaded in
+    place; ordinary pairs on the merged weights, arena pairs (at --arena-rate) against the base
+    through a LoRA delta;
+  - lora: --serving lora: every pair through the adapter, arena pairs against the base;
+  - ceiling: a vLLM server started without --enable-lora, the base model only;
+  - transformers+peft: `generate` with the adapter, num_return_sequences=2 (one process, sequential).
+
+Same prompts everywhere, n=2 x 128 tokens, every answer forced to full length; pairs are made as
+the app makes them (Serving's lease and routes, collector.sampling.PairStream).
 
     .venv/bin/python bench/pair_latency.py
-    .venv/bin/python bench/pair_latency.py --server-args "--max-loras 1" --server-args "--max-loras 4"
-
-Each --server-args runs one more vLLM configuration (the default flags are PrefLoop's).
+    .venv/bin/python bench/pair_latency.py --modes merged --concurrency 8 --skip-transformers
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import random
+import shutil
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import PROMPTS, embedded_model, round_adapter
+from common import PROMPTS, bench_model, round_adapter
 
-from collector.engine import BASE, Engine, EngineConfig
-from collector.sampling import SamplingParams, sample_pair
+from collector.annotate import AnnotateConfig
+from collector.engine import Engine, EngineConfig
+from collector.sampling import PairStream, SamplingParams
+from collector.serving import Serving
+from storage.votes import VoteStore
 
 TOKENS = 128
 
@@ -34,19 +41,34 @@ class ForcedLength(SamplingParams):
         return {**super().request(), "ignore_eos": True, "min_tokens": self.max_tokens}
 
 
-def vllm_path(engine: Engine, model: str, concurrency: int, pairs_each: int) -> tuple[float, float]:
+def one_pair(serving: Serving, messages: list[dict], params: SamplingParams, seed: int, rng: random.Random,
+             arena_rate: float) -> float:
+    """A pair as collector.annotate makes it; returns its time to first token."""
+    with serving.lease():
+        models = None
+        if rng.random() < arena_rate and (opponent := serving.arena_opponent(rng)) is not None:
+            models = (serving.current, opponent)
+        stream = PairStream(serving.engine, messages, params, seed, model=serving.current, models=models,
+                            route=serving.route)
+        for _ in stream:
+            pass
+    return min(stream.pair.ttft_s)
+
+
+def serving_path(serving: Serving, concurrency: int, pairs_each: int, arena_rate: float) -> tuple[float, float]:
     params = ForcedLength(max_tokens=TOKENS)
     ttfts: list[float] = []
     lock = threading.Lock()
 
     def annotator(i: int) -> None:
+        rng = random.Random(i)
         for k in range(pairs_each):
             msgs = [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
-            pair = sample_pair(engine, msgs, params, seed=1000 * i + k, model=model)
+            t = one_pair(serving, msgs, params, 1000 * i + k, rng, arena_rate)
             with lock:
-                ttfts.append(min(pair.ttft_s))
+                ttfts.append(t)
 
-    sample_pair(engine, [{"role": "user", "content": "warm up"}], ForcedLength(max_tokens=8), model=model)
+    one_pair(serving, [{"role": "user", "content": "warm up"}], ForcedLength(max_tokens=8), 0, random.Random(0), 1.0)
     threads = [threading.Thread(target=annotator, args=(i,)) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
@@ -83,51 +105,57 @@ def transformers_path(base: Path, adapter: Path, pairs: int) -> tuple[float, flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server-args", action="append", default=None, help="extra vLLM flags for one configuration")
+    p.add_argument("--modes", nargs="+", default=["merged", "lora", "ceiling"], choices=["merged", "lora", "ceiling"])
     p.add_argument("--pairs-each", type=int, default=2, help="pairs per annotator at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--arena-rate", type=float, default=AnnotateConfig().arena_rate,
+                   help="share of arena pairs (the served version against the base), as the app's default")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-pairs", type=int, default=4, help="pairs for the transformers+peft path")
-    p.add_argument("--no-lora-ceiling", action="store_true",
-                   help="also measure a server started without --enable-lora (the base path's true ceiling)")
+    p.add_argument("--server-args", default="", help="more vLLM flags for every server")
+    p.add_argument("--model", default="embedded",
+                   help='"embedded", "mistral-7b-shape" (random weights, for a GPU) or a model folder')
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefloop-bench")
     args = p.parse_args()
-    base = embedded_model(args.data_dir)
-    adapter = round_adapter(base, args.data_dir / "adapters" / "bench-r16")
-    rows = []
+    base = bench_model(args.model, args.data_dir)
+    adapter = round_adapter(base, args.data_dir / "adapters" / f"bench-r16-{base.name}")
+    work = Path(tempfile.mkdtemp(prefix="pair-latency-"))
+    shutil.copytree(adapter, work / "adapters" / "round-0001")
+    results: dict[str, dict[int, tuple[float, float]]] = {}
     hf = None
     if not args.skip_transformers:
         hf = transformers_path(base, adapter, pairs=args.transformers_pairs)
         print(f"transformers+peft: {hf[0]:.1f} pairs/min, ttft {hf[1]:.2f} s", flush=True)
-    for extra in args.server_args or [""]:
-        flags = shlex.split(extra)
-        engine = Engine.launch(EngineConfig(model=str(base), extra_args=flags,
-                                            log_path=args.data_dir / "vllm-bench.log"))
+    for mode in args.modes:
+        config = EngineConfig(model=str(base), log_path=args.data_dir / f"vllm-{mode}.log",
+                              extra_args=args.server_args.split(), enable_lora=mode != "ceiling",
+                              weight_reload=mode == "merged", max_lora_rank=32 if mode == "merged" else 16)
+        t0 = time.perf_counter()
+        engine = Engine.launch(config)
+        print(f"[{mode}] server up in {time.perf_counter() - t0:.0f} s", flush=True)
         try:
-            engine.load_adapter("bench", adapter)
+            serving = Serving(engine, VoteStore(work / f"{mode}.db"), work / "adapters", str(base), max_rank=16,
+                              mode="lora" if mode == "ceiling" else mode, merged_dir=work / "merged")
+            if mode != "ceiling":
+                serving.swap("round-0001")
+            results[mode] = {}
             for c in args.concurrency:
-                lora = vllm_path(engine, "bench", c, args.pairs_each)
-                ceiling = vllm_path(engine, BASE, c, args.pairs_each)
-                rows.append((extra or "(PrefLoop defaults)", c, lora, ceiling))
-                print(f"[{extra or 'defaults'}] c={c}: adapter {lora[0]:.1f} pairs/min (ttft {lora[1]:.2f} s), "
-                      f"no adapter {ceiling[0]:.1f} (ttft {ceiling[1]:.2f} s)", flush=True)
+                r = serving_path(serving, c, args.pairs_each, args.arena_rate if mode != "ceiling" else 0.0)
+                results[mode][c] = r
+                print(f"[{mode}] c={c}: {r[0]:.1f} pairs/min (ttft {r[1]:.2f} s)", flush=True)
         finally:
             engine.close()
-    if args.no_lora_ceiling:
-        engine = Engine.launch(EngineConfig(model=str(base), enable_lora=False,
-                                            log_path=args.data_dir / "vllm-bench-nolora.log"))
-        try:
-            for c in args.concurrency:
-                r = vllm_path(engine, BASE, c, args.pairs_each)
-                print(f"[no --enable-lora] c={c}: {r[0]:.1f} pairs/min (ttft {r[1]:.2f} s)", flush=True)
-        finally:
-            engine.close()
-    print("\nserver flags                 conc  adapter/min  ttft s  no-adapter/min  ttft s  "
-          "adapter/ceiling  adapter/transformers")
-    for extra, c, lora, ceiling in rows:
-        vs_hf = f"{lora[0] / hf[0]:.1f}x" if hf else "-"
-        print(f"{extra:<28} {c:>4} {lora[0]:>12.1f} {lora[1]:>7.2f} {ceiling[0]:>15.1f} {ceiling[1]:>7.2f} "
-              f"{lora[0] / ceiling[0]:>15.2f} {vs_hf:>20}")
+    print(f"\npairs/min (median ttft s); arena share {args.arena_rate:.2f} in merged and lora")
+    print("conc  " + "  ".join(f"{m:>16}" for m in results) + "  merged/ceiling  lora/ceiling")
+    for c in args.concurrency:
+        cells = "  ".join(f"{results[m][c][0]:>8.1f} ({results[m][c][1]:.2f})" for m in results)
+        ratios = ""
+        if "ceiling" in results:
+            for m in ("merged", "lora"):
+                ratios += f"  {results[m][c][0] / results['ceiling'][c][0]:>12.2f}" if m in results else "  -"
+        print(f"{c:>4}  {cells}{ratios}")
+    if hf:
+        print(f"transformers+peft: {hf[0]:.1f} pairs/min (ttft {hf[1]:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,60 @@ def test_tokens_without_an_adapter_get_no_delta():
     assert torch.count_nonzero(y[::2]) == 0
     assert torch.count_nonzero(y_ref[::2]) > 0  # the upstream behaviour this replaces
     torch.testing.assert_close(y[1::2], y_ref[1::2], rtol=2e-2, atol=2e-2)
+
+
+def _reference_linear(x, a, b, slices, idx):
+    """y[t] for a packed projection: per token, per slice, x @ A.T @ B.T (float32); 0 without adapter."""
+    y = torch.zeros(len(x), sum(slices))
+    for t in range(len(x)):
+        if idx[t] < 0:
+            continue
+        offset = 0
+        for a_s, b_s, size in zip(a, b, slices, strict=True):
+            y[t, offset:offset + size] = (x[t].float() @ a_s[idx[t], 0].float().t()) @ b_s[idx[t], 0].float().t()
+            offset += size
+    return y
+
+
+def _linear_case(seed: int, slices=(96, 32, 32), tokens: int = 10, slots: int = 4, rank: int = 8, dim: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g, dtype=torch.bfloat16)
+    a = [torch.randn(slots, 1, rank, dim, generator=g, dtype=torch.bfloat16) for _ in slices]
+    b = [torch.randn(slots, 1, s, rank, generator=g, dtype=torch.bfloat16) for s in slices]
+    return x, a, b, list(slices)
+
+
+@pytest.mark.parametrize("indices", [[-1] * 10, [2] * 10, [0, -1, 2, 2, -1, 0, 3, -1, 2, 0]])
+def test_the_compiled_path_op_adds_each_tokens_own_adapter_to_a_packed_projection(indices):
+    ours.define_ops()
+    x, a, b, slices = _linear_case(3)
+    idx = torch.tensor(indices)
+    ours._FUSED.clear()
+    ours._STEP.update(tokens=ours._groups(idx), count=len(idx))
+    y = torch.ones(len(x), sum(slices), dtype=torch.bfloat16)
+    torch.ops.prefloop.lora_linear(y, x, a, b, 1.0, slices)
+    expected = 1.0 + _reference_linear(x, a, b, slices, idx)
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_fused_copies_are_made_again_once_vllm_writes_an_adapter_into_a_slot():
+    ours.define_ops()
+    x, a, b, slices = _linear_case(4)
+    idx = torch.full((len(x),), 1)
+    ours._FUSED.clear()
+    ours._STEP.update(tokens=ours._groups(idx), count=len(idx))
+
+    def run():
+        y = torch.zeros(len(x), sum(slices), dtype=torch.bfloat16)
+        torch.ops.prefloop.lora_linear(y, x, a, b, 1.0, slices)
+        return y.float()
+
+    run()
+    for t in b:  # a new adapter in slot 1, written in place as vLLM does
+        t[1].mul_(-1.0)
+    activated = ours._forgetting_fused(lambda manager, lora_id: True)
+    touched = ours._forgetting_fused(lambda manager, lora_id: False)
+    touched(None, 7)  # an adapter already in its slot: the copies stay
+    assert ours._FUSED
+    activated(None, 8)
+    torch.testing.assert_close(run(), _reference_linear(x, a, b, slices, idx), rtol=2e-2, atol=5e-2)
