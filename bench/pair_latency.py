@@ -4,7 +4,8 @@
     place; ordinary pairs on the merged weights, arena pairs (at --arena-rate) against the base
     through a LoRA delta;
   - lora: --serving lora: every pair through the adapter, arena pairs against the base;
-  - ceiling: a vLLM server started without --enable-lora, the base model only;
+  - ceiling: a vLLM server started without --enable-lora, the base model only, with the same
+    request shapes (an arena pair's two n=1 requests both on the base);
   - transformers+peft: `generate` with the adapter, num_return_sequences=2 (one process, sequential).
 
 Same prompts everywhere, n=2 x 128 tokens, every answer forced to full length; pairs are made as
@@ -28,7 +29,7 @@ from pathlib import Path
 from common import PROMPTS, bench_model, round_adapter
 
 from collector.annotate import AnnotateConfig
-from collector.engine import Engine, EngineConfig
+from collector.engine import BASE, Engine, EngineConfig
 from collector.sampling import PairStream, SamplingParams
 from collector.serving import Serving
 from storage.votes import VoteStore
@@ -42,12 +43,14 @@ class ForcedLength(SamplingParams):
 
 
 def one_pair(serving: Serving, messages: list[dict], params: SamplingParams, seed: int, rng: random.Random,
-             arena_rate: float) -> float:
+             arena_rate: float, ceiling: bool = False) -> float:
     """A pair as collector.annotate makes it; returns its time to first token."""
     with serving.lease():
         models = None
-        if rng.random() < arena_rate and (opponent := serving.arena_opponent(rng)) is not None:
-            models = (serving.current, opponent)
+        if rng.random() < arena_rate:
+            # the ceiling (no versions to compare) gets an arena pair's shape: two n=1 requests on the base
+            opponent = BASE if ceiling else serving.arena_opponent(rng)
+            models = (serving.current, opponent) if opponent is not None else None
         stream = PairStream(serving.engine, messages, params, seed, model=serving.current, models=models,
                             route=serving.route)
         for _ in stream:
@@ -55,7 +58,8 @@ def one_pair(serving: Serving, messages: list[dict], params: SamplingParams, see
     return min(stream.pair.ttft_s)
 
 
-def serving_path(serving: Serving, concurrency: int, pairs_each: int, arena_rate: float) -> tuple[float, float]:
+def serving_path(serving: Serving, concurrency: int, pairs_each: int, arena_rate: float,
+                 ceiling: bool = False) -> tuple[float, float]:
     params = ForcedLength(max_tokens=TOKENS)
     ttfts: list[float] = []
     lock = threading.Lock()
@@ -64,11 +68,12 @@ def serving_path(serving: Serving, concurrency: int, pairs_each: int, arena_rate
         rng = random.Random(i)
         for k in range(pairs_each):
             msgs = [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]
-            t = one_pair(serving, msgs, params, 1000 * i + k, rng, arena_rate)
+            t = one_pair(serving, msgs, params, 1000 * i + k, rng, arena_rate, ceiling)
             with lock:
                 ttfts.append(t)
 
-    one_pair(serving, [{"role": "user", "content": "warm up"}], ForcedLength(max_tokens=8), 0, random.Random(0), 1.0)
+    one_pair(serving, [{"role": "user", "content": "warm up"}], ForcedLength(max_tokens=8), 0, random.Random(0), 1.0,
+             ceiling)
     threads = [threading.Thread(target=annotator, args=(i,)) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
@@ -140,7 +145,7 @@ def main() -> None:
                 serving.swap("round-0001")
             results[mode] = {}
             for c in args.concurrency:
-                r = serving_path(serving, c, args.pairs_each, args.arena_rate if mode != "ceiling" else 0.0)
+                r = serving_path(serving, c, args.pairs_each, args.arena_rate, ceiling=mode == "ceiling")
                 results[mode][c] = r
                 print(f"[{mode}] c={c}: {r[0]:.1f} pairs/min (ttft {r[1]:.2f} s)", flush=True)
         finally:
