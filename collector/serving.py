@@ -163,6 +163,7 @@ class WeightsLease:
 
 
 MODES = ("merged", "lora")
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m collector.merge` is importable
 DELTA_SEP = "~"  # an arena delta's name: "<version>~<merged version>"
 
 
@@ -278,7 +279,7 @@ class Serving:
             pass
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "collector.merge", str(self.base_model), str(adapter), str(out)],
-                              capture_output=True, text=True, timeout=3600)
+                              capture_output=True, text=True, timeout=3600, cwd=ROOT)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
@@ -311,12 +312,13 @@ class Serving:
     def _prune_merged(self) -> None:
         """Keep the merged folders of the version served and of the one a rollback would serve."""
         history = self.history()
-        keep = {self._current, *(history[-2:-1] or [])}
+        keep = {self._current, *(history[-2:-1] or []), "deltas"}
         if not self.merged_dir.is_dir():
             return
-        for folder in self.merged_dir.iterdir():
-            if folder.is_dir() and folder.name != "deltas" and folder.name not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+        with self._merging:  # not under a merge in progress (its folder is ".NAME.tmp" until done)
+            for folder in self.merged_dir.iterdir():
+                if folder.is_dir() and folder.name not in keep and not folder.name.startswith("."):
+                    shutil.rmtree(folder, ignore_errors=True)
 
     # -- changing what is served ---------------------------------------------------------------
 
