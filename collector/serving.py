@@ -37,6 +37,7 @@ from typing import Any
 
 from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected, EngineError
+from storage.procs import child_setup
 from storage.serving import ServingLog
 from storage.votes import VoteStore
 
@@ -279,7 +280,8 @@ class Serving:
             pass
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "collector.merge", str(self.base_model), str(adapter), str(out)],
-                              capture_output=True, text=True, timeout=3600, cwd=ROOT)
+                              capture_output=True, text=True, timeout=3600, cwd=ROOT,
+                              preexec_fn=child_setup(10))  # dies with the app; annotators' requests first
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
