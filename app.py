@@ -277,7 +277,10 @@ def build(args: argparse.Namespace) -> App:
         plan = plan_for(total_gib, ModelShape.from_folder(model, args.max_model_len), serve_here=not args.vllm_url)
     if plan is not None:
         logger.info("GPU plan: %s", plan.note)
-    serving_mode = args.serving if args.serving != "auto" else ("lora" if args.vllm_url else "merged")
+    quantized = args.vllm_quantization or (plan and plan.vllm_quantization)
+    # auto: merged for the managed server, except over quantized weights (a merged bf16 model
+    # reloaded into bitsandbytes layers is untested), and lora for attached servers
+    serving_mode = args.serving if args.serving != "auto" else ("lora" if args.vllm_url or quantized else "merged")
     if args.vllm_url:
         engine = Engine.attach(args.vllm_url, args.vllm_api_key,
                                hub_repo=args.hub_model if args.adapters_from_hub else None)
@@ -286,7 +289,7 @@ def build(args: argparse.Namespace) -> App:
             model=model, max_lora_rank=server_lora_rank(args.max_lora_rank, serving_mode),
             max_model_len=args.max_model_len, weight_reload=serving_mode == "merged",
             gpu_memory_utilization=args.gpu_memory_utilization or (plan and plan.gpu_memory_utilization),
-            quantization=args.vllm_quantization or (plan and plan.vllm_quantization),
+            quantization=quantized,
             extra_args=shlex.split(args.vllm_args), log_path=data_dir / "logs" / "vllm.log",
             pid_file=data_dir / "vllm.pid", niceness=10 if total_gib is None else 0))
         # where scripts on this machine (the judge: `--judge-url data/vllm-endpoint.json`) reach the
