@@ -262,6 +262,9 @@ class Endpoint:
     url: str
     api_key: str | None
     healthy: bool = True
+    # Up but not yet holding the served weights and adapters (restarted, or missed a reload): no
+    # request goes to it, whatever /health says, until a resync succeeds.
+    syncing: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -280,6 +283,7 @@ class Engine:
         self.hub_repo = hub_repo  # adapters are loaded by the endpoints from this Hub model repo
         self._rr = itertools.cycle(range(len(endpoints)))
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one weight reload at a time: a swap's, or a resync's
         self.loaded: dict[str, str] = {}  # adapter name -> path
         self._vllm_names: dict[str, str] = {}  # adapter name -> the name vLLM knows it by
         self._inflight: dict[str, int] = {}
@@ -340,17 +344,23 @@ class Engine:
                 logger.exception("vLLM health check failed")
 
     def heal(self) -> None:
-        """One health pass: restart the managed server if it died; reload adapters into any
-        endpoint that came back (a restarted server has none)."""
+        """One health pass: restart the managed server if it died; an endpoint that came back (a
+        restarted server holds the base's weights and no adapter) takes requests again only once
+        the served weights and the adapters are back in it."""
         if self.server is not None and not self.server.alive() and not self._stop.is_set():
             logger.error("vLLM died (exit %s); restarting it", self.server.proc and self.server.proc.returncode)
+            self.endpoints[0].syncing = True
             self.endpoints[0].healthy = False
             self.server.restart()
         for ep in self.endpoints:
-            was = ep.healthy
-            if self._probe(ep) and (not was or not self._has_adapters(ep)):
-                ep.healthy = False  # no request until it holds the served weights and adapters again
-                self._resync(ep)
+            if not self._probe(ep):
+                ep.healthy = False
+                continue
+            if not ep.healthy or ep.syncing or not self._has_adapters(ep):
+                ep.syncing, ep.healthy = True, False
+                if not self._resync(ep):
+                    continue  # still syncing: the next pass tries again
+                ep.syncing = False
             self._check(ep)
 
     def _has_adapters(self, ep: Endpoint) -> bool:
@@ -361,25 +371,30 @@ class Engine:
         except httpx.HTTPError:
             return False
 
-    def _resync(self, ep: Endpoint) -> None:
-        """A restarted endpoint: the weights reloaded in place first (it started with the base's),
-        then the adapters."""
-        if self.weights is not None:
-            try:
-                self._reload_on(ep, self.weights, 600.0)
-            except EngineError as e:
-                logger.error("could not reload the served weights into %s: %s", ep.url, e)
-        for name, path in list(self.loaded.items()):
-            if self.hub_repo:
+    def _resync(self, ep: Endpoint) -> bool:
+        """Put the served weights (reloaded in place) and then the adapters back into ``ep``;
+        False if the weights could not be: it would serve another version than the one recorded."""
+        with self._reload_lock:
+            if self.weights is not None:
                 try:
+                    self._reload_on(ep, self.weights, 600.0)
+                except (EngineError, httpx.HTTPError) as e:
+                    logger.error("could not reload the served weights %s into %s: %s", self.weights, ep.url, e)
+                    return False
+        for name, path in list(self.loaded.items()):
+            try:
+                if self.hub_repo:
                     self._resolve_on(ep, name)
-                except AdapterRejected as e:
-                    logger.error("could not reload %s into %s: %s", name, ep.url, e)
+                    continue
+                r = self._post_load(ep, name, path)
+            except (AdapterRejected, httpx.HTTPError) as e:
+                logger.error("could not reload %s into %s: %s", name, ep.url, e)
                 continue
-            r = self._post_load(ep, name, path)
             if r.status_code not in (200, 400):
                 logger.error("could not reload %s into %s: %s", name, ep.url, _error_text(r))
-        logger.info("endpoint %s back; adapters reloaded: %s", ep.url, sorted(self.loaded))
+        logger.info("endpoint %s back; weights %s, adapters reloaded: %s", ep.url, self.weights or "as started",
+                    sorted(self.loaded))
+        return True
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -390,7 +405,7 @@ class Engine:
             return False
 
     def _check(self, ep: Endpoint) -> bool:
-        ep.healthy = self._probe(ep)
+        ep.healthy = not ep.syncing and self._probe(ep)
         return ep.healthy
 
     def pick(self) -> Endpoint:
@@ -433,12 +448,26 @@ class Engine:
         workers' ``reload_weights`` (vLLM's layer-wise in-place reload), and resumes, also when the
         reload fails (EngineError then, and the endpoint serves what it had: vLLM copies into the
         existing tensors only after reading the new ones). Adapters stay registered; vLLM loads
-        them again from their folders at their next request. Needs servers started with
-        ``weight_reload`` (dev routes)."""
+        them again from their folders at their next request. An endpoint that does not answer
+        takes no request until the watchdog has put these weights into it (EngineError only when
+        none answered). Needs servers started with ``weight_reload`` (dev routes)."""
         started = time.monotonic()
-        for ep in self.endpoints:
-            self._reload_on(ep, path, timeout_s)
-        self.weights = Path(path)
+        with self._reload_lock:
+            done = 0
+            for ep in self.endpoints:
+                if not ep.healthy and not self._probe(ep):
+                    ep.syncing = True  # down: the watchdog reloads it when it is back
+                    continue
+                try:
+                    self._reload_on(ep, path, timeout_s)
+                    done += 1
+                except httpx.HTTPError as e:
+                    ep.syncing, ep.healthy = True, False
+                    logger.warning("endpoint %s did not answer during a weight reload (%s); it takes no request "
+                                   "until it holds %s", ep.url, e, path)
+            if not done:
+                raise EngineError(f"no vLLM endpoint answered to reload the weights in {path}")
+            self.weights = Path(path)
         seconds = time.monotonic() - started
         logger.info("weights reloaded from %s in %.1f s", path, seconds)
         return seconds
@@ -458,21 +487,20 @@ class Engine:
                     "on a filesystem it shares with the app, or use --serving lora")
 
     def _reload_on(self, ep: Endpoint, path: str | Path, timeout_s: float) -> None:
+        """Pause ``ep``, reload its weights from ``path``, resume it. EngineError if it refuses;
+        httpx.HTTPError if it does not answer."""
+        r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
+                       headers=ep.headers, timeout=timeout_s)
+        if r.status_code != 200:
+            raise EngineError(f"vLLM at {ep.url} cannot pause for a weight reload ({r.status_code}: "
+                              f"{_error_text(r)}); start it with weight reload on (dev routes)")
         try:
-            r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
-                           headers=ep.headers, timeout=timeout_s)
+            r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
+                           json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
             if r.status_code != 200:
-                raise EngineError(f"vLLM at {ep.url} cannot pause for a weight reload ({r.status_code}: "
-                                  f"{_error_text(r)}); start it with weight reload on (dev routes)")
-            try:
-                r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
-                               json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
-                if r.status_code != 200:
-                    raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
-            finally:
-                httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
-        except httpx.HTTPError as e:
-            raise EngineError(f"vLLM at {ep.url} did not answer during a weight reload: {e}") from None
+                raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
+        finally:
+            httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a peft adapter under ``name`` into every endpoint; AdapterRejected on refusal.

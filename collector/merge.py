@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def _lora_factors(adapter: str | Path) -> dict[str, tuple]:
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     alpha, rslora = float(cfg.get("lora_alpha", cfg.get("r", 8))), bool(cfg.get("use_rslora"))
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    unknown = [k for k in weights if ".lora_A." not in k and ".lora_B." not in k]
+    if unknown:  # embedding LoRA, trained norms...: served as they are by --serving lora only
+        raise AdapterRejected(f"{adapter}: tensors other than LoRA A/B ({unknown[0]}, ...) cannot be served as a "
+                              "merged delta; serve with --serving lora")
     out: dict[str, tuple] = {}
     for key, a in weights.items():
         if ".lora_A." not in key:
@@ -78,7 +83,8 @@ def _lora_factors(adapter: str | Path) -> dict[str, tuple]:
         if b is None:
             raise AdapterRejected(f"{adapter}: {key} has no lora_B")
         r = a.shape[0]
-        a_alpha = next((float(v) for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
+        # peft's rule: a pattern applies to the modules whose key ends with it as a regex
+        a_alpha = next((float(v) for k, v in alpha_pattern.items() if re.fullmatch(rf"(.*\.)?(?:{k})", module)), alpha)
         scale = a_alpha / (r ** 0.5 if rslora else r)
         out[module] = (a.to(torch.float32), b.to(torch.float32) * scale)
     if not out:

@@ -129,9 +129,9 @@ class PairStream:
         t0 = time.perf_counter()
 
         def side(i: int, model: str) -> None:
-            body = {"model": self._sent(model), "messages": self.messages, "n": 1, "seed": seed + i,
-                    **self.params.request()}
-            try:
+            try:  # whatever fails (routing included) reaches the consumer, which would wait for ever
+                body = {"model": self._sent(model), "messages": self.messages, "n": 1, "seed": seed + i,
+                        **self.params.request()}
                 for chunk in self.engine.stream_chat(body):
                     for choice in chunk.get("choices", []):
                         events.put((i, (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")))

@@ -166,6 +166,7 @@ class WeightsLease:
 MODES = ("merged", "lora")
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m collector.merge` is importable
 DELTA_SEP = "~"  # an arena delta's name: "<version>~<merged version>"
+MERGE_TIMEOUT_S = 3600
 
 
 class Serving:
@@ -188,7 +189,9 @@ class Serving:
         self._lease = WeightsLease()
         self._merging = threading.Lock()  # one merge at a time: two would write the same folder
         self._current = BASE
-        self._weights = BASE  # merged mode: the version whose merged weights the servers hold
+        # Merged mode: the version whose merged weights the servers hold; None until restore()
+        # knows (servers PrefLoop did not start may hold weights an earlier run reloaded).
+        self._weights: str | None = BASE if engine.server is not None else None
 
     @property
     def current(self) -> str:
@@ -279,18 +282,27 @@ class Serving:
         except (OSError, ValueError, KeyError):
             pass
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "collector.merge", str(self.base_model), str(adapter), str(out)],
-                              capture_output=True, text=True, timeout=3600, cwd=ROOT,
-                              preexec_fn=child_setup(10))  # dies with the app; annotators' requests first
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "collector.merge", str(self.base_model), str(adapter), str(out)],
+                capture_output=True, text=True, timeout=MERGE_TIMEOUT_S, cwd=ROOT,
+                preexec_fn=child_setup(10))  # dies with the app; annotators' requests first
+        except subprocess.TimeoutExpired:
+            raise EngineError(f"merging {version!r} took over {MERGE_TIMEOUT_S} s; it is tried again later") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
+            if proc.returncode == 2:  # the merge refused this adapter: never worth a retry
+                raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
+            # Killed (out of memory: -9) or crashed: the adapter may be fine; the next sync retries.
+            raise EngineError(f"the merge of {version!r} failed (exit {proc.returncode}): {last}")
         logger.info("merged %s into the base in %.1f s", version, time.monotonic() - t0)
         return out
 
     def _reload(self, version: str, smoke: bool) -> None:
         """Make the servers hold ``version``'s merged weights (with the lease exclusive and
         ``_lock`` held). A failed reload or smoke answer puts the previous weights back."""
+        from collector.merge import MARKER
+
         folder = self._weights_folder(version)
         previous = self._weights
         try:
@@ -301,10 +313,13 @@ class Serving:
                 if not text.strip():
                     raise AdapterRejected(f"merged {version!r} produced an empty smoke answer")
         except EngineError as e:
-            try:
-                self.engine.reload_weights(self._weights_folder(previous))
-            except EngineError as again:
-                logger.error("could not put %s's weights back: %s", previous, again)
+            if version != BASE:  # merged again next time rather than trusted
+                (folder / MARKER).unlink(missing_ok=True)
+            if previous is not None:
+                try:
+                    self.engine.reload_weights(self._weights_folder(previous))
+                except EngineError as again:
+                    logger.error("could not put %s's weights back: %s", previous, again)
             if isinstance(e, AdapterRejected):
                 raise
             raise AdapterRejected(f"merged {version!r} could not be served: {e}") from e
@@ -313,14 +328,21 @@ class Serving:
 
     def _prune_merged(self) -> None:
         """Keep the merged folders of the version served and of the one a rollback would serve."""
-        history = self.history()
-        keep = {self._current, *(history[-2:-1] or []), "deltas"}
         if not self.merged_dir.is_dir():
             return
-        with self._merging:  # not under a merge in progress (its folder is ".NAME.tmp" until done)
-            for folder in self.merged_dir.iterdir():
-                if folder.is_dir() and folder.name not in keep and not folder.name.startswith("."):
-                    shutil.rmtree(folder, ignore_errors=True)
+        # Under _lock, no reload reads a folder meanwhile; under _merging, no merge writes one
+        # (a merge in progress writes ".NAME.tmp" and renames it when done).
+        with self._lock:
+            if not self._merging.acquire(blocking=False):
+                return  # a merge is running (minutes on a GPU model): the next swap prunes
+            try:
+                history = self.history()
+                keep = {self._current, self._weights, *(history[-2:-1] or []), "deltas"}
+                for folder in self.merged_dir.iterdir():
+                    if folder.is_dir() and folder.name not in keep and not folder.name.startswith("."):
+                        shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                self._merging.release()
 
     # -- changing what is served ---------------------------------------------------------------
 
@@ -357,6 +379,8 @@ class Serving:
                     logger.warning("cannot restore %s (%s); falling back", name, e)
                     history.pop()
             else:
+                if self.mode == "merged" and self._weights is None:
+                    self._load(BASE)  # EngineError: what the servers hold is unknown, nothing is served
                 self._serve(BASE, history)
         logger.info("serving restored: %s", self.current)
         return self.current
@@ -431,30 +455,24 @@ class Serving:
             return None
         choices = [BASE] + [h for h in self.history() if h != self.current]
         pick = rng.choice(choices)
-        try:
-            with self._lock:
+        for candidate in dict.fromkeys([pick, BASE]):  # the base when the pick cannot be served
+            try:
                 if self.mode == "merged":
-                    self._load_delta(pick)
-                else:
-                    self._load(pick)
-        except EngineError as e:  # AdapterRejected included
-            logger.warning("arena opponent %s unavailable (%s)", pick, e)
-            if pick == BASE or self.mode != "merged":
-                return BASE if pick != BASE else None
-            return self._base_opponent()
-        return pick
-
-    def _base_opponent(self) -> str | None:
-        try:
-            with self._lock:
-                self._load_delta(BASE)
-        except EngineError as e:
-            logger.warning("arena opponent base unavailable (%s)", e)
-            return None
-        return BASE
+                    self.route(candidate)
+                elif candidate != BASE:
+                    with self._lock:
+                        self._load(candidate)
+                return candidate
+            except Exception as e:  # a broken or missing version costs the arena a pair, never the annotator
+                logger.warning("arena opponent %s unavailable (%s)", candidate, e)
+        return None
 
     def rollback(self) -> str:
         """Serve the version before the current one (or the base); returns the name now serving."""
+        if self.mode == "merged":
+            target = (self.history()[:-1] or [BASE])[-1]
+            if target not in (BASE, self._weights):
+                self._weights_folder(target)  # merged before the pairs are held, as in swap
         with self._changing():
             history = self.history()
             current = history.pop() if history else BASE

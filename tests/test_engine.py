@@ -5,13 +5,17 @@
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
 from collector.engine import BASE, Engine, EngineConfig
 from collector.errors import EngineError
+from collector.merge import merge_adapter
 from collector.sampling import SamplingParams, sample_pair
 from tests.conftest import make_adapter
+from tests.test_merged import TOLERANCE, mean_gap, served_logprobs
 
 MESSAGES = [{"role": "user", "content": "Give me one tip for learning to cook."}]
 SHORT = SamplingParams(max_tokens=48)
@@ -46,13 +50,41 @@ def test_tiny_mistral_is_served_and_a_killed_server_comes_back_with_its_adapter(
     assert "MistralForCausalLM" in eng.server.log_path.read_text()
 
     eng.load_adapter("round-0001", make_adapter(tiny_mistral_dir, tmp_path / "round-0001"))
-    os.killpg(eng.server.proc.pid, signal.SIGKILL)
-    eng.server.proc.wait()
-    eng.heal()  # what the app's watchdog runs every few seconds
-    assert eng.server.alive()
-    assert "round-0001" in eng.models()
-    again = sample_pair(eng, MESSAGES, SamplingParams(max_tokens=16), seed=3, model="round-0001")
-    assert again.models == ("round-0001", "round-0001") and again.answers[0]
+    base = served_logprobs(eng)
+    merged = merge_adapter(tiny_mistral_dir, make_adapter(tiny_mistral_dir, tmp_path / "v", seed=8, strength=0.3),
+                           tmp_path / "merged")
+    try:
+        eng.reload_weights(merged)  # merged serving: the served version is in the weights
+        served = served_logprobs(eng)
+        assert mean_gap(served, base) > 5 * TOLERANCE
+        os.killpg(eng.server.proc.pid, signal.SIGKILL)
+        eng.server.proc.wait()
+        seen: list[float] = []
+
+        def request_meanwhile() -> None:  # a request while it restarts finds no endpoint, never the base's weights
+            while not eng.endpoints[0].syncing:  # until the watchdog has seen the death
+                time.sleep(0.01)
+            while True:
+                try:
+                    eng.pick()
+                except EngineError:
+                    time.sleep(0.2)
+                    continue
+                seen.append(mean_gap(served_logprobs(eng), served))
+                return
+
+        poller = threading.Thread(target=request_meanwhile, daemon=True)
+        poller.start()
+        eng.heal()  # what the app's watchdog runs every few seconds (from a thread that lives as long as the app)
+        poller.join(timeout=60)
+        assert seen and seen[0] < TOLERANCE
+        assert eng.server.alive()
+        assert mean_gap(served_logprobs(eng), served) < TOLERANCE  # the merged weights are back
+        assert "round-0001" in eng.models()
+        again = sample_pair(eng, MESSAGES, SamplingParams(max_tokens=16), seed=3, model="round-0001")
+        assert again.models == ("round-0001", "round-0001") and again.answers[0]
+    finally:
+        eng.reload_weights(tiny_mistral_dir)  # the base again, as the other tests expect
 
 
 def test_vllm_failing_to_start_reports_its_log_tail(tmp_path):

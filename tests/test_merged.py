@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from collector.engine import BASE
-from collector.errors import AdapterRejected
+from collector.errors import AdapterRejected, EngineError
 from collector.merge import MARKER, merge_adapter
 from collector.sampling import PairStream, SamplingParams
 from collector.serving import Serving
@@ -171,7 +171,9 @@ def _pairs_across(serving: Serving, n: int, out: list) -> list[threading.Thread]
                                     SamplingParams(max_tokens=40), seed=i, model=version, route=serving.route)
                 for _ in stream:
                     pass
-            out.append((version, stream.pair.models[0], all(stream.pair.finish_reasons)))
+                held = serving._weights == version  # no swap while the pair generated
+            out.append((version if held else f"weights changed under {version}", stream.pair.models[0],
+                        all(stream.pair.finish_reasons)))
         except Exception as e:  # noqa: BLE001 - recorded, asserted on
             out.append(("error", repr(e), False))
 
@@ -253,10 +255,12 @@ def test_merged_serving_swaps_arena_deltas_refusals_rollback_and_restore(tiny_en
         with pytest.raises(AdapterRejected):
             serving.swap("round-0004")
         assert serving.current == "round-0002" and mean_gap(served("round-0002"), ref2) < TOLERANCE
-        assert (tmp_path / "merged" / "round-0004" / MARKER).exists()
+        assert not (tmp_path / "merged" / "round-0004" / MARKER).exists()  # merged again, not trusted
 
         assert serving.rollback() == "round-0001"
         assert mean_gap(served("round-0001"), ref1) < TOLERANCE
+        # merged folders kept: the served version's and a rollback's target (none: the base)
+        assert sorted(p.name for p in (tmp_path / "merged").iterdir() if p.is_dir()) == ["round-0001"]
         # an app restart: a fresh server holds the base; restore reloads the served version
         tiny_engine.reload_weights(tiny_mistral_dir)
         restored = Serving(tiny_engine, store, adapters, str(tiny_mistral_dir), max_rank=8, mode="merged",
@@ -270,3 +274,58 @@ def test_merged_serving_swaps_arena_deltas_refusals_rollback_and_restore(tiny_en
         tiny_engine.reload_weights(tiny_mistral_dir)
         for name in [n for n in tiny_engine.loaded if "~" in n]:
             tiny_engine.unload_adapter(name)
+
+
+def test_an_endpoint_that_cannot_get_the_served_weights_back_takes_no_request(tiny_engine, tmp_path):
+    ep = tiny_engine.endpoints[0]
+    served = tiny_engine.weights
+    try:
+        ep.syncing, ep.healthy = True, False  # as the watchdog marks a restarted server
+        with pytest.raises(EngineError, match="no vLLM endpoint is healthy"):
+            tiny_engine.pick()  # /health answers, but it does not hold the served weights yet
+        tiny_engine.weights = tmp_path / "gone"  # e.g. the merged folder was lost
+        tiny_engine.heal()
+        assert ep.syncing and not ep.healthy  # kept out; the next pass tries again
+        tiny_engine.weights = served
+        tiny_engine.heal()
+        assert ep.healthy and not ep.syncing and tiny_engine.pick() is ep
+    finally:
+        tiny_engine.weights, ep.syncing, ep.healthy = served, False, True
+
+
+def test_an_arena_side_that_cannot_be_routed_fails_the_pair_instead_of_hanging_it(tiny_engine):
+    def route(version: str) -> str:
+        if version == "round-0009":
+            raise AdapterRejected("adapter 'round-0009' not found")
+        return version
+
+    stream = PairStream(tiny_engine, [{"role": "user", "content": "Hi."}], SamplingParams(max_tokens=8), seed=1,
+                        models=(BASE, "round-0009"), route=route)
+    outcome: list = []
+
+    def consume() -> None:
+        try:
+            for _ in stream:
+                pass
+            outcome.append("finished")
+        except AdapterRejected as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the pair waited for ever on a side that never started"
+    assert isinstance(outcome[0], AdapterRejected)
+
+
+def test_a_merge_that_dies_is_retried_later_not_marked_broken(tiny_engine, tiny_mistral_dir, tmp_path, monkeypatch):
+    adapters = tmp_path / "adapters"
+    make_adapter(tiny_mistral_dir, adapters / "round-0001", seed=31)
+    serving = Serving(tiny_engine, VoteStore(tmp_path / "votes.db"), adapters, str(tiny_mistral_dir), max_rank=8,
+                      mode="merged", merged_dir=tmp_path / "merged")
+    serving.restore()
+    monkeypatch.setattr("collector.serving.MERGE_TIMEOUT_S", 0.05)  # killed, as the OOM killer would
+    with pytest.raises(EngineError, match="took over") as e:
+        serving.sync(["round-0001"])
+    assert not isinstance(e.value, AdapterRejected)
+    assert not serving.log.skipped("round-0001") and serving.current == BASE
