@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from collector.engine import BASE
+from collector.engine import BASE, Engine
 from collector.errors import AdapterRejected, EngineError
 from collector.merge import MARKER, merge_adapter
 from collector.sampling import PairStream, SamplingParams
@@ -329,3 +329,19 @@ def test_a_merge_that_dies_is_retried_later_not_marked_broken(tiny_engine, tiny_
         serving.sync(["round-0001"])
     assert not isinstance(e.value, AdapterRejected)
     assert not serving.log.skipped("round-0001") and serving.current == BASE
+
+
+def test_attached_servers_are_put_on_the_served_weights_at_start(tiny_engine, tiny_mistral_dir, tmp_path):
+    ep = tiny_engine.endpoints[0]
+    v = make_adapter(tiny_mistral_dir, tmp_path / "adapters" / "round-0001", seed=41, strength=0.3)
+    base = served_logprobs(tiny_engine)
+    try:
+        tiny_engine.reload_weights(merge_adapter(tiny_mistral_dir, v, tmp_path / "left-over"))  # an earlier run's
+        assert mean_gap(served_logprobs(tiny_engine), base) > 5 * TOLERANCE
+        attached = Engine.attach([ep.url], ep.api_key)  # a server PrefLoop did not start: it holds what it holds
+        serving = Serving(attached, VoteStore(tmp_path / "votes.db"), tmp_path / "adapters", str(tiny_mistral_dir),
+                          max_rank=8, mode="merged", merged_dir=tmp_path / "merged")
+        assert serving.restore() == BASE
+        assert mean_gap(served_logprobs(tiny_engine), base) < TOLERANCE  # what the store says serves: the base
+    finally:
+        tiny_engine.reload_weights(tiny_mistral_dir)
