@@ -257,14 +257,19 @@ class VLLMServer:
             self.pid_file.unlink(missing_ok=True)
 
 
+UNKNOWN = "unknown"  # Endpoint.held of an endpoint that went away
+
+
 @dataclass
 class Endpoint:
     url: str
     api_key: str | None
-    healthy: bool = True
-    # Up but not yet holding the served weights and adapters (restarted, or missed a reload): no
-    # request goes to it, whatever /health says, until a resync succeeds.
-    syncing: bool = False
+    healthy: bool = True  # answered its last request or health check
+    # What it is known to hold: the weights reloaded into it (None: those it started with;
+    # UNKNOWN after it stopped answering: it may have restarted), and whether the adapters are
+    # all in it. It takes requests only while these match what is served (Engine.in_sync).
+    held: Path | None | str = None
+    adapters_ok: bool = True
 
     @property
     def headers(self) -> dict[str, str]:
@@ -308,7 +313,8 @@ class Engine:
         """Attach to running servers; with ``hub_repo`` they load adapters from the Hub themselves."""
         engine = cls([Endpoint(u.rstrip("/"), api_key) for u in urls], hub_repo=hub_repo)
         for ep in engine.endpoints:
-            engine._check(ep)
+            if not engine._check(ep):
+                engine._lost(ep)  # when it answers, the watchdog brings it in sync first
         healthy = [ep for ep in engine.endpoints if ep.healthy]
         if not healthy:
             raise EngineError(f"none of the vLLM endpoints answer: {', '.join(urls)}; is the server running?")
@@ -344,24 +350,28 @@ class Engine:
                 logger.exception("vLLM health check failed")
 
     def heal(self) -> None:
-        """One health pass: restart the managed server if it died; an endpoint that came back (a
-        restarted server holds the base's weights and no adapter) takes requests again only once
-        the served weights and the adapters are back in it."""
+        """One health pass: restart the managed server if it died; an endpoint that answers but
+        may have lost what is served (it went away, or missed a reload) gets the served weights
+        and the adapters back before it takes a request again."""
         if self.server is not None and not self.server.alive() and not self._stop.is_set():
             logger.error("vLLM died (exit %s); restarting it", self.server.proc and self.server.proc.returncode)
-            self.endpoints[0].syncing = True
-            self.endpoints[0].healthy = False
+            self._lost(self.endpoints[0])
             self.server.restart()
         for ep in self.endpoints:
             if not self._probe(ep):
-                ep.healthy = False
+                self._lost(ep)
                 continue
-            if not ep.healthy or ep.syncing or not self._has_adapters(ep):
-                ep.syncing, ep.healthy = True, False
-                if not self._resync(ep):
-                    continue  # still syncing: the next pass tries again
-                ep.syncing = False
-            self._check(ep)
+            if not self.in_sync(ep) or not self._has_adapters(ep):
+                self._resync(ep)
+            ep.healthy = True
+
+    def in_sync(self, ep: Endpoint) -> bool:
+        """``ep`` holds the served weights and every adapter: requests may go to it."""
+        return ep.adapters_ok and ep.held == self.weights
+
+    def _lost(self, ep: Endpoint) -> None:
+        """``ep`` did not answer: it may come back restarted, with its first weights and no adapter."""
+        ep.healthy, ep.held, ep.adapters_ok = False, UNKNOWN, False
 
     def _has_adapters(self, ep: Endpoint) -> bool:
         if not self.loaded:
@@ -371,30 +381,39 @@ class Engine:
         except httpx.HTTPError:
             return False
 
-    def _resync(self, ep: Endpoint) -> bool:
-        """Put the served weights (reloaded in place) and then the adapters back into ``ep``;
-        False if the weights could not be: it would serve another version than the one recorded."""
+    def _resync(self, ep: Endpoint) -> None:
+        """Put the served weights (reloaded in place) and then the adapters back into ``ep``.
+        What fails leaves it out of sync (no request goes to it) for the next pass to retry; a
+        reload meanwhile moves the target, and the endpoint stays out until it holds that."""
         with self._reload_lock:
-            if self.weights is not None:
-                try:
-                    self._reload_on(ep, self.weights, 600.0)
-                except (EngineError, httpx.HTTPError) as e:
-                    logger.error("could not reload the served weights %s into %s: %s", self.weights, ep.url, e)
-                    return False
+            target = self.weights
+            if ep.held != target:
+                if target is None:  # nothing reloaded: a restarted server holds the right weights
+                    ep.held = None
+                else:
+                    try:
+                        self._reload_on(ep, target, 600.0)
+                    except (EngineError, httpx.HTTPError) as e:
+                        logger.error("could not reload the served weights %s into %s: %s", target, ep.url, e)
+                        return
+                    ep.held = target
         for name, path in list(self.loaded.items()):
             try:
                 if self.hub_repo:
                     self._resolve_on(ep, name)
                     continue
                 r = self._post_load(ep, name, path)
-            except (AdapterRejected, httpx.HTTPError) as e:
+            except AdapterRejected as e:
                 logger.error("could not reload %s into %s: %s", name, ep.url, e)
                 continue
+            except httpx.HTTPError as e:
+                logger.error("%s went away while its adapters were reloaded: %s", ep.url, e)
+                return
             if r.status_code not in (200, 400):
                 logger.error("could not reload %s into %s: %s", name, ep.url, _error_text(r))
-        logger.info("endpoint %s back; weights %s, adapters reloaded: %s", ep.url, self.weights or "as started",
+        ep.adapters_ok = True
+        logger.info("endpoint %s in sync: weights %s, adapters %s", ep.url, self.weights or "as started",
                     sorted(self.loaded))
-        return True
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -405,18 +424,19 @@ class Engine:
             return False
 
     def _check(self, ep: Endpoint) -> bool:
-        ep.healthy = not ep.syncing and self._probe(ep)
+        ep.healthy = self._probe(ep)
         return ep.healthy
 
     def pick(self) -> Endpoint:
-        """The next healthy endpoint, round robin; rechecks all when none looks healthy."""
+        """The next healthy endpoint that holds what is served, round robin; rechecks those when
+        none looks healthy (one that lost what is served waits for the watchdog's resync)."""
         with self._lock:
             for _ in range(len(self.endpoints)):
                 ep = self.endpoints[next(self._rr)]
-                if ep.healthy:
+                if ep.healthy and self.in_sync(ep):
                     return ep
         for ep in self.endpoints:
-            if self._check(ep):
+            if self.in_sync(ep) and self._check(ep):
                 return ep
         raise EngineError("no vLLM endpoint is healthy; see the vLLM log")
 
@@ -446,28 +466,41 @@ class Engine:
         the seconds it took. Each endpoint finishes what it is generating and holds new requests
         (vLLM's pause, mode "wait", which also clears its prefix cache), reloads through its
         workers' ``reload_weights`` (vLLM's layer-wise in-place reload), and resumes, also when the
-        reload fails (EngineError then, and the endpoint serves what it had: vLLM copies into the
-        existing tensors only after reading the new ones). Adapters stay registered; vLLM loads
-        them again from their folders at their next request. An endpoint that does not answer
-        takes no request until the watchdog has put these weights into it (EngineError only when
-        none answered). Needs servers started with ``weight_reload`` (dev routes)."""
+        reload fails (AdapterRejected when the weights are refused, and the endpoint serves what
+        it had: vLLM copies into the existing tensors only after reading the new ones). Adapters
+        stay registered; vLLM loads them again from their folders at their next request. From the
+        call on, these weights are the target: an endpoint that does not get them takes no request
+        until the watchdog has put them in (EngineError when none could). Needs servers started
+        with ``weight_reload`` (dev routes)."""
         started = time.monotonic()
         with self._reload_lock:
-            done = 0
+            # What every endpoint must hold from now on: one that does not get it takes no request
+            # until the watchdog has put it in (or a later reload moves the target back).
+            self.weights = Path(path)
+            done, refused = 0, None
             for ep in self.endpoints:
                 if not ep.healthy and not self._probe(ep):
-                    ep.syncing = True  # down: the watchdog reloads it when it is back
+                    self._lost(ep)
                     continue
                 try:
                     self._reload_on(ep, path, timeout_s)
-                    done += 1
+                except AdapterRejected as e:  # it keeps what it had
+                    refused = refused or e
+                    continue
+                except EngineError as e:  # cannot pause or reload at all: it keeps what it had
+                    logger.error("%s", e)
+                    continue
                 except httpx.HTTPError as e:
-                    ep.syncing, ep.healthy = True, False
+                    self._lost(ep)
                     logger.warning("endpoint %s did not answer during a weight reload (%s); it takes no request "
                                    "until it holds %s", ep.url, e, path)
+                    continue
+                ep.held = self.weights
+                done += 1
+            if refused is not None:
+                raise refused
             if not done:
-                raise EngineError(f"no vLLM endpoint answered to reload the weights in {path}")
-            self.weights = Path(path)
+                raise EngineError(f"no vLLM endpoint could reload the weights in {path}; see the vLLM log")
         seconds = time.monotonic() - started
         logger.info("weights reloaded from %s in %.1f s", path, seconds)
         return seconds
@@ -487,8 +520,8 @@ class Engine:
                     "on a filesystem it shares with the app, or use --serving lora")
 
     def _reload_on(self, ep: Endpoint, path: str | Path, timeout_s: float) -> None:
-        """Pause ``ep``, reload its weights from ``path``, resume it. EngineError if it refuses;
-        httpx.HTTPError if it does not answer."""
+        """Pause ``ep``, reload its weights from ``path``, resume it. AdapterRejected if it refuses
+        these weights, EngineError if it cannot pause, httpx.HTTPError if it does not answer."""
         r = httpx.post(f"{ep.url}/pause", params={"mode": "wait", "clear_cache": "true"},
                        headers=ep.headers, timeout=timeout_s)
         if r.status_code != 200:
@@ -498,7 +531,7 @@ class Engine:
             r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
                            json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
             if r.status_code != 200:
-                raise EngineError(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
+                raise AdapterRejected(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
         finally:
             httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
 
@@ -520,7 +553,7 @@ class Engine:
             try:
                 r = self._post_load(ep, name, path)
             except httpx.HTTPError as e:
-                ep.healthy = False
+                self._lost(ep)
                 logger.warning("endpoint %s unreachable while loading %s: %s", ep.url, name, e)
                 continue
             if r.status_code == 400 and "already" in r.text:
@@ -536,7 +569,7 @@ class Engine:
             r = httpx.post(f"{ep.url}/v1/chat/completions", headers=ep.headers, timeout=600, json={
                 "model": self.vllm_name(name), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
         except httpx.HTTPError as e:
-            ep.healthy = False
+            self._lost(ep)
             logger.warning("endpoint %s unreachable while loading %s: %s", ep.url, name, e)
             return
         if r.status_code != 200:
@@ -580,10 +613,10 @@ class Engine:
                     yield from self._stream_from(ep, sent)
                     return
                 except httpx.ConnectError as e:
-                    ep.healthy = False
+                    self._lost(ep)
                     logger.warning("vLLM at %s unreachable (%s); trying another endpoint", ep.url, e)
                 except httpx.HTTPError as e:  # broke mid-stream: the answer is lost, say so
-                    ep.healthy = False
+                    self._lost(ep)
                     raise EngineError(f"the stream from vLLM at {ep.url} broke: {e}; ask for a new pair") from e
             raise EngineError("no vLLM endpoint could be reached; see the vLLM log")
         finally:
@@ -615,7 +648,7 @@ class Engine:
                     json={"model": self.vllm_name(model or BASE), "messages": messages, **params},
                 )
             except httpx.ConnectError:
-                ep.healthy = False
+                self._lost(ep)
                 continue
             if r.status_code != 200:
                 raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")

@@ -130,32 +130,40 @@ class PairStream:
 
         def side(i: int, model: str) -> None:
             try:  # whatever fails (routing included) reaches the consumer, which would wait for ever
+                if done.is_set():
+                    return
                 body = {"model": self._sent(model), "messages": self.messages, "n": 1, "seed": seed + i,
                         **self.params.request()}
                 for chunk in self.engine.stream_chat(body):
+                    if done.is_set():  # the pair failed or was dropped: stop generating for it
+                        return
                     for choice in chunk.get("choices", []):
                         events.put((i, (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason")))
             except Exception as e:  # handed to the consumer, raised there
                 events.put((i, e, None))
             events.put((i, None, None))
 
+        done = threading.Event()  # set when the pair ends, however: a side still running stops
         for i, m in enumerate(self.models):
             threading.Thread(target=side, args=(i, m), daemon=True, name=f"arena-{i}").start()
         texts, ttft, total, finish, open_sides = ["", ""], [0.0, 0.0], [0.0, 0.0], ["", ""], 2
-        while open_sides:
-            i, delta, reason = events.get()
-            if isinstance(delta, Exception):
-                raise delta
-            now = time.perf_counter() - t0
-            if delta is None:
-                open_sides -= 1
-                continue
-            if delta and not texts[i]:
-                ttft[i] = now
-            texts[i] += delta
-            if reason:
-                finish[i], total[i] = reason, now
-            yield texts[0], texts[1]
+        try:
+            while open_sides:
+                i, delta, reason = events.get()
+                if isinstance(delta, Exception):
+                    raise delta
+                now = time.perf_counter() - t0
+                if delta is None:
+                    open_sides -= 1
+                    continue
+                if delta and not texts[i]:
+                    ttft[i] = now
+                texts[i] += delta
+                if reason:
+                    finish[i], total[i] = reason, now
+                yield texts[0], texts[1]
+        finally:
+            done.set()
         self.pair = Pair(
             messages=self.messages, answers=(texts[0], texts[1]), models=self.models, seed=seed,
             params={**self.params.request(), "n": 1}, ttft_s=(ttft[0], ttft[1]), total_s=(total[0], total[1]),

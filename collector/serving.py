@@ -167,6 +167,7 @@ MODES = ("merged", "lora")
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m collector.merge` is importable
 DELTA_SEP = "~"  # an arena delta's name: "<version>~<merged version>"
 MERGE_TIMEOUT_S = 3600
+RETRY_AFTER_S = 300.0  # sync() waits this long before trying again a version that failed for a passing reason
 
 
 class Serving:
@@ -188,6 +189,8 @@ class Serving:
         self._lock = threading.Lock()
         self._lease = WeightsLease()
         self._merging = threading.Lock()  # one merge at a time: two would write the same folder
+        self._pending: set[str] = set()  # merged for a swap or rollback on its way: not pruned
+        self._retry_at: dict[str, float] = {}  # version -> when sync() tries it again after a transient failure
         self._current = BASE
         # Merged mode: the version whose merged weights the servers hold; None until restore()
         # knows (servers PrefLoop did not start may hold weights an earlier run reloaded).
@@ -288,13 +291,15 @@ class Serving:
                 capture_output=True, text=True, timeout=MERGE_TIMEOUT_S, cwd=ROOT,
                 preexec_fn=child_setup(10))  # dies with the app; annotators' requests first
         except subprocess.TimeoutExpired:
+            shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)
             raise EngineError(f"merging {version!r} took over {MERGE_TIMEOUT_S} s; it is tried again later") from None
         if proc.returncode != 0:
+            shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)  # a killed child's half folder
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            if proc.returncode == 2:  # the merge refused this adapter: never worth a retry
+            if proc.returncode == 2:  # the adapter cannot be merged: never worth a retry
                 raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
-            # Killed (out of memory: -9) or crashed: the adapter may be fine; the next sync retries.
-            raise EngineError(f"the merge of {version!r} failed (exit {proc.returncode}): {last}")
+            # Killed (the OOM killer: -9), out of disk or memory (3): the adapter may be fine.
+            raise EngineError(f"the merge of {version!r} failed (exit {proc.returncode}): {last}; tried again later")
         logger.info("merged %s into the base in %.1f s", version, time.monotonic() - t0)
         return out
 
@@ -313,16 +318,16 @@ class Serving:
                 if not text.strip():
                     raise AdapterRejected(f"merged {version!r} produced an empty smoke answer")
         except EngineError as e:
-            if version != BASE:  # merged again next time rather than trusted
+            if version != BASE and isinstance(e, AdapterRejected):  # merged again next time, not trusted
                 (folder / MARKER).unlink(missing_ok=True)
             if previous is not None:
                 try:
                     self.engine.reload_weights(self._weights_folder(previous))
-                except EngineError as again:
+                except EngineError as again:  # the target is the previous weights: the watchdog puts them back
                     logger.error("could not put %s's weights back: %s", previous, again)
-            if isinstance(e, AdapterRejected):
-                raise
-            raise AdapterRejected(f"merged {version!r} could not be served: {e}") from e
+            # AdapterRejected (refused weights, an empty smoke answer) marks the version broken;
+            # any other EngineError (servers down) leaves it to be tried again.
+            raise
         self._drop_deltas()
         self._weights = version
 
@@ -337,7 +342,7 @@ class Serving:
                 return  # a merge is running (minutes on a GPU model): the next swap prunes
             try:
                 history = self.history()
-                keep = {self._current, self._weights, *(history[-2:-1] or []), "deltas"}
+                keep = {self._current, self._weights, *self._pending, *(history[-2:-1] or []), "deltas"}
                 for folder in self.merged_dir.iterdir():
                     if folder.is_dir() and folder.name not in keep and not folder.name.startswith("."):
                         shutil.rmtree(folder, ignore_errors=True)
@@ -411,17 +416,21 @@ class Serving:
         """Make ``name`` serve: pre-flight, load (merged: merge and reload), smoke-generate, flip.
         Returns seconds taken."""
         t0 = time.perf_counter()
-        if self.mode == "merged" and name != BASE:
-            preflight(self.adapters_dir / name, self.base_model, self.max_rank)
-            self._weights_folder(name)  # merged before the pairs are held, which then wait only for the reload
-        with self._changing():
-            previous = self.current
-            if self.mode == "merged":
-                self._load(name, smoke=True)
-            else:
-                self._load(name)
-                self._smoke(name)
-            self._serve(name, [h for h in self.history() if h != name] + [name])
+        self._pending.add(name)
+        try:
+            if self.mode == "merged" and name != BASE:
+                preflight(self.adapters_dir / name, self.base_model, self.max_rank)
+                self._weights_folder(name)  # merged before the pairs are held, which then wait only for the reload
+            with self._changing():
+                previous = self.current
+                if self.mode == "merged":
+                    self._load(name, smoke=True)
+                else:
+                    self._load(name)
+                    self._smoke(name)
+                self._serve(name, [h for h in self.history() if h != name] + [name])
+        finally:
+            self._pending.discard(name)
         logger.info("swap %s -> %s in %.2fs", previous, name, time.perf_counter() - t0)
         if self.mode == "merged":
             self._prune_merged()
@@ -469,17 +478,20 @@ class Serving:
 
     def rollback(self) -> str:
         """Serve the version before the current one (or the base); returns the name now serving."""
-        if self.mode == "merged":
-            target = (self.history()[:-1] or [BASE])[-1]
-            if target not in (BASE, self._weights):
-                self._weights_folder(target)  # merged before the pairs are held, as in swap
-        with self._changing():
-            history = self.history()
-            current = history.pop() if history else BASE
-            target = history[-1] if history else BASE
-            self._load(target)
-            self._serve(target, history)
-            self.log.mark_rolled_back(current)
+        premerged = (self.history()[:-1] or [BASE])[-1]
+        self._pending.add(premerged)
+        try:
+            if self.mode == "merged" and premerged not in (BASE, self._weights):
+                self._weights_folder(premerged)  # merged before the pairs are held, as in swap
+            with self._changing():
+                history = self.history()
+                current = history.pop() if history else BASE
+                target = history[-1] if history else BASE
+                self._load(target)
+                self._serve(target, history)
+                self.log.mark_rolled_back(current)
+        finally:
+            self._pending.discard(premerged)
         logger.info("rollback %s -> %s", current, target)
         if self.mode == "merged":
             self._prune_merged()
@@ -510,12 +522,18 @@ class Serving:
         """Serve the newest promoted adapter that is not serving yet and was never rolled back;
         first carry out a rollback asked for from the CLI (``python -m trainer rollback``)."""
         if self.log.take_rollback_request():
-            return self.rollback()
+            try:
+                return self.rollback()
+            except EngineError:
+                self.log.request_rollback()  # not carried out: asked again at the next sync
+                raise
         for name in reversed(promoted):
             if self.log.skipped(name):
                 continue
             if name in self.history():
                 return None
+            if time.monotonic() < self._retry_at.get(name, 0.0):
+                return None  # failed for a passing reason (a merge killed, servers down): later
             try:
                 self.swap(name)
             except AdapterRejected as e:
@@ -523,6 +541,10 @@ class Serving:
                 self.log.mark_swap_failed(name, str(e))
                 logger.error("adapter %s not swapped in: %s", name, e)
                 continue
+            except EngineError:
+                self._retry_at[name] = time.monotonic() + RETRY_AFTER_S  # a merge can take minutes and GBs
+                raise
+            self._retry_at.pop(name, None)
             return name
         return None
 

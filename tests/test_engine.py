@@ -62,7 +62,7 @@ def test_tiny_mistral_is_served_and_a_killed_server_comes_back_with_its_adapter(
         seen: list[float] = []
 
         def request_meanwhile() -> None:  # a request while it restarts finds no endpoint, never the base's weights
-            while not eng.endpoints[0].syncing:  # until the watchdog has seen the death
+            while eng.in_sync(eng.endpoints[0]):  # until the watchdog has seen the death
                 time.sleep(0.01)
             while True:
                 try:

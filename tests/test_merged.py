@@ -280,17 +280,19 @@ def test_an_endpoint_that_cannot_get_the_served_weights_back_takes_no_request(ti
     ep = tiny_engine.endpoints[0]
     served = tiny_engine.weights
     try:
-        ep.syncing, ep.healthy = True, False  # as the watchdog marks a restarted server
+        ep.held = "unknown"  # as a connection error leaves it: it may have restarted
         with pytest.raises(EngineError, match="no vLLM endpoint is healthy"):
-            tiny_engine.pick()  # /health answers, but it does not hold the served weights yet
-        tiny_engine.weights = tmp_path / "gone"  # e.g. the merged folder was lost
+            tiny_engine.pick()  # /health answers, but it may not hold the served weights
+        with pytest.raises(EngineError):  # a reload it refuses (the folder is gone) moves the target...
+            tiny_engine.reload_weights(tmp_path / "gone")
         tiny_engine.heal()
-        assert ep.syncing and not ep.healthy  # kept out; the next pass tries again
-        tiny_engine.weights = served
-        tiny_engine.heal()
-        assert ep.healthy and not ep.syncing and tiny_engine.pick() is ep
+        assert not tiny_engine.in_sync(ep)  # ...and a resync cannot reach it: kept out, tried again next pass
+        with pytest.raises(EngineError, match="no vLLM endpoint is healthy"):
+            tiny_engine.pick()
+        tiny_engine.reload_weights(served or tiny_engine.server.config.model)  # the served weights again
+        assert tiny_engine.in_sync(ep) and tiny_engine.pick() is ep
     finally:
-        tiny_engine.weights, ep.syncing, ep.healthy = served, False, True
+        ep.held, ep.adapters_ok, ep.healthy = tiny_engine.weights, True, True
 
 
 def test_an_arena_side_that_cannot_be_routed_fails_the_pair_instead_of_hanging_it(tiny_engine):
@@ -318,17 +320,60 @@ def test_an_arena_side_that_cannot_be_routed_fails_the_pair_instead_of_hanging_i
     assert isinstance(outcome[0], AdapterRejected)
 
 
-def test_a_merge_that_dies_is_retried_later_not_marked_broken(tiny_engine, tiny_mistral_dir, tmp_path, monkeypatch):
+def _kill_the_merge() -> None:
+    """SIGKILL the merge child as soon as it runs, as the OOM killer would."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for child in psutil.Process().children():
+            try:
+                if "collector.merge" in " ".join(child.cmdline()):
+                    child.kill()
+                    return
+            except psutil.Error:
+                pass
+        time.sleep(0.01)
+
+
+def test_a_merge_that_dies_is_tried_again_later_and_one_that_cannot_merge_is_marked_broken(
+        tiny_engine, tiny_mistral_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
     adapters = tmp_path / "adapters"
     make_adapter(tiny_mistral_dir, adapters / "round-0001", seed=31)
     serving = Serving(tiny_engine, VoteStore(tmp_path / "votes.db"), adapters, str(tiny_mistral_dir), max_rank=8,
                       mode="merged", merged_dir=tmp_path / "merged")
     serving.restore()
-    monkeypatch.setattr("collector.serving.MERGE_TIMEOUT_S", 0.05)  # killed, as the OOM killer would
-    with pytest.raises(EngineError, match="took over") as e:
-        serving.sync(["round-0001"])
-    assert not isinstance(e.value, AdapterRejected)
-    assert not serving.log.skipped("round-0001") and serving.current == BASE
+    try:
+        killer = threading.Thread(target=_kill_the_merge)
+        killer.start()
+        with pytest.raises(EngineError, match="exit -9") as e:
+            serving.sync(["round-0001"])
+        killer.join()
+        assert not isinstance(e.value, AdapterRejected)
+        assert not serving.log.skipped("round-0001") and serving.current == BASE
+        assert not [p for p in (tmp_path / "merged").glob(".*")]  # no half-written folder left
+        assert serving.sync(["round-0001"]) is None  # not again at once: a merge can take minutes and GBs
+        serving._retry_at.clear()
+        monkeypatch.setattr("collector.serving.MERGE_TIMEOUT_S", 0.05)
+        with pytest.raises(EngineError, match="took over") as e:
+            serving.sync(["round-0001"])
+        assert not isinstance(e.value, AdapterRejected) and not serving.log.skipped("round-0001")
+        monkeypatch.undo()
+        serving._retry_at.clear()
+        assert serving.sync(["round-0001"]) == "round-0001" and serving.current == "round-0001"  # later, it serves
+
+        # finite adapter weights whose merge is not (B A overflows): refused by the merge, for good
+        bad = make_adapter(tiny_mistral_dir, adapters / "round-0002", seed=32) / "adapter_model.safetensors"
+        save_file({k: v.clone().fill_(1e38 if "lora_B" in k else 1.0) for k, v in load_file(str(bad)).items()},
+                  str(bad))
+        assert serving.sync(["round-0001", "round-0002"]) is None
+        assert serving.log.skipped("round-0002") and serving.current == "round-0001"
+    finally:
+        tiny_engine.reload_weights(tiny_mistral_dir)
+        for name in [n for n in tiny_engine.loaded if "~" in n]:
+            tiny_engine.unload_adapter(name)
 
 
 def test_attached_servers_are_put_on_the_served_weights_at_start(tiny_engine, tiny_mistral_dir, tmp_path):

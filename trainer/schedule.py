@@ -159,6 +159,9 @@ class Scheduler:
         while not self._stop.wait(self.config.check_every_s):
             try:
                 self.sync_promoted()
+            except Exception:  # the swap is tried again later; rounds go on meanwhile
+                logger.exception("serving a promoted round failed")
+            try:
                 reason = self.due()
                 if reason:
                     self.trigger(reason)
