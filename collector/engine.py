@@ -531,7 +531,10 @@ class Engine:
             r = httpx.post(f"{ep.url}/collective_rpc", headers=ep.headers, timeout=timeout_s,
                            json={"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
             if r.status_code != 200:
-                raise AdapterRejected(f"vLLM at {ep.url} refused the weights in {path}: {_error_text(r)}")
+                why = _error_text(r)
+                if "memory" in why.lower():  # the machine's state, not the weights': worth another try
+                    raise EngineError(f"vLLM at {ep.url} ran out of memory reloading {path}: {why}")
+                raise AdapterRejected(f"vLLM at {ep.url} refused the weights in {path}: {why}")
         finally:
             httpx.post(f"{ep.url}/resume", headers=ep.headers, timeout=60)
 
@@ -650,6 +653,11 @@ class Engine:
             except httpx.ConnectError:
                 self._lost(ep)
                 continue
+            except httpx.HTTPError as e:  # went away mid-answer
+                self._lost(ep)
+                raise EngineError(f"vLLM at {ep.url} did not answer: {e}") from None
+            if 400 <= r.status_code < 500:  # refused what was asked (e.g. an adapter it cannot load)
+                raise AdapterRejected(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
             if r.status_code != 200:
                 raise EngineError(f"vLLM at {ep.url} answered {r.status_code}: {_error_text(r)}")
             return [c["message"]["content"] for c in r.json()["choices"]]

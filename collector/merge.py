@@ -136,7 +136,7 @@ def delta_adapter(target: str | Path | None, current: str | Path, out: str | Pat
 def main(argv: list[str] | None = None) -> int:
     """``python -m collector.merge BASE ADAPTER OUT``: what ``Serving`` runs in a child process, so
     that a merge's memory (a 7B model in bf16 is 14.5 GB) is returned when it ends. Exit 2 with one
-    line when the adapter cannot be merged, 3 when the machine failed it (disk, memory)."""
+    line when the adapter's weights cannot be merged, 3 for any other failure (memory, disk)."""
     import argparse
     import sys
 
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         merge_adapter(args.base, args.adapter, args.out, args.dtype)
-    except (OSError, MemoryError) as e:  # the machine's, not the adapter's: worth another try
+    except AdapterRejected as e:  # the adapter's weights: the same next time
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - memory, disk, a library: worth another try later
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
-    except Exception as e:  # noqa: BLE001 - refused, or cannot be merged: the same next time
-        print(f"error: {e if isinstance(e, AdapterRejected) else f'{type(e).__name__}: {e}'}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -167,6 +167,7 @@ MODES = ("merged", "lora")
 ROOT = Path(__file__).resolve().parent.parent  # where `python -m collector.merge` is importable
 DELTA_SEP = "~"  # an arena delta's name: "<version>~<merged version>"
 MERGE_TIMEOUT_S = 3600
+ROLLBACK = ":rollback"  # the _retry_at key of a CLI rollback request
 RETRY_AFTER_S = 300.0  # sync() waits this long before trying again a version that failed for a passing reason
 
 
@@ -310,6 +311,10 @@ class Serving:
 
         folder = self._weights_folder(version)
         previous = self._weights
+        try:  # found before anything changes: a failure must have weights to fall back on
+            back = self._weights_folder(previous) if previous is not None else None
+        except EngineError as e:
+            raise EngineError(f"the weights serving now ({previous}) cannot be found to fall back on: {e}") from None
         try:
             self.engine.reload_weights(folder)
             if smoke:
@@ -317,12 +322,12 @@ class Serving:
                                         temperature=0.0)[0]
                 if not text.strip():
                     raise AdapterRejected(f"merged {version!r} produced an empty smoke answer")
-        except EngineError as e:
+        except Exception as e:
             if version != BASE and isinstance(e, AdapterRejected):  # merged again next time, not trusted
                 (folder / MARKER).unlink(missing_ok=True)
-            if previous is not None:
+            if back is not None:
                 try:
-                    self.engine.reload_weights(self._weights_folder(previous))
+                    self.engine.reload_weights(back)
                 except EngineError as again:  # the target is the previous weights: the watchdog puts them back
                     logger.error("could not put %s's weights back: %s", previous, again)
             # AdapterRejected (refused weights, an empty smoke answer) marks the version broken;
@@ -444,9 +449,12 @@ class Serving:
             text = self.engine.chat(
                 [{"role": "user", "content": "Say hello."}], model=name, max_tokens=8, temperature=0.0
             )[0]
-        except EngineError as e:
+        except AdapterRejected as e:  # the server answered, refusing it
             self.engine.unload_adapter(name)
             raise AdapterRejected(f"adapter {name!r} failed its smoke generation: {e}") from e
+        except EngineError:  # no server to ask: nothing said about the adapter; tried again later
+            self.engine.unload_adapter(name)
+            raise
         if not text.strip():
             self.engine.unload_adapter(name)
             raise AdapterRejected(f"adapter {name!r} produced an empty smoke answer")
@@ -521,11 +529,14 @@ class Serving:
     def sync(self, promoted: list[str]) -> str | None:
         """Serve the newest promoted adapter that is not serving yet and was never rolled back;
         first carry out a rollback asked for from the CLI (``python -m trainer rollback``)."""
-        if self.log.take_rollback_request():
+        if time.monotonic() >= self._retry_at.get(ROLLBACK, 0.0) and self.log.take_rollback_request():
             try:
                 return self.rollback()
-            except EngineError:
-                self.log.request_rollback()  # not carried out: asked again at the next sync
+            except AdapterRejected:  # the version before cannot serve: the request is answered with the error
+                raise
+            except EngineError:  # servers down, a merge killed: carried out later
+                self.log.request_rollback()
+                self._retry_at[ROLLBACK] = time.monotonic() + RETRY_AFTER_S
                 raise
         for name in reversed(promoted):
             if self.log.skipped(name):
