@@ -21,6 +21,12 @@ from collector.errors import AdapterRejected
 MARKER = "prefloop-merged.json"  # in a merged folder: which adapter (by content digest) it holds
 
 
+def tmp_folder(out: str | Path) -> Path:
+    """Where ``out`` is written before it is renamed into place (a dot-folder: never pruned)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp")
+
+
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
     """Merge the peft adapter at ``adapter`` into ``base``; write the model to ``out``. Returns
     ``out``. AdapterRejected if a merged weight is NaN or infinite."""
@@ -34,7 +40,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     for name, tensor in merged.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise AdapterRejected(f"merging {adapter} into the base gives non-finite weights ({name}); not served")
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     from collector.engine import adapter_digest
@@ -123,7 +129,7 @@ def delta_adapter(target: str | Path | None, current: str | Path, out: str | Pat
               "bias": "none", "use_rslora": False, "base_model_name_or_path": base_model,
               "target_modules": sorted({_leaf(m) for m in modules}), "fan_in_fan_out": False}
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"))

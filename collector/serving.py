@@ -35,8 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from collector.engine import BASE, Engine
+from collector.engine import BASE, Engine, adapter_digest
 from collector.errors import AdapterRejected, EngineError
+from collector.merge import MARKER, delta_adapter, tmp_folder
 from storage.procs import child_setup
 from storage.serving import ServingLog
 from storage.votes import VoteStore
@@ -238,8 +239,6 @@ class Serving:
         name = self._delta_name(version)
         if name in self.engine.loaded:
             return name
-        from collector.merge import delta_adapter
-
         target = None if version == BASE else self.adapters_dir / version
         if target is not None and not target.is_dir():
             raise AdapterRejected(f"adapter {version!r} not found in {self.adapters_dir}")
@@ -261,30 +260,16 @@ class Serving:
         now in a child process if there is none for this adapter's content."""
         if version == BASE:
             return base_folder(self.base_model)
-        from collector.engine import adapter_digest
-        from collector.merge import MARKER
-
         adapter = self.adapters_dir / version
         if not adapter.is_dir():
             raise AdapterRejected(f"adapter {version!r} not found in {self.adapters_dir}")
         out = self.merged_dir / version
-        try:
-            if json.loads((out / MARKER).read_text())["digest"] == adapter_digest(adapter):
-                return out
-        except (OSError, ValueError, KeyError):
-            pass
+        if _holds(out, adapter):
+            return out
         with self._merging:
-            return self._merge(version, adapter, out)
+            return out if _holds(out, adapter) else self._merge(version, adapter, out)  # or merged meanwhile
 
     def _merge(self, version: str, adapter: Path, out: Path) -> Path:
-        from collector.engine import adapter_digest
-        from collector.merge import MARKER
-
-        try:  # merged meanwhile by another swap
-            if json.loads((out / MARKER).read_text())["digest"] == adapter_digest(adapter):
-                return out
-        except (OSError, ValueError, KeyError):
-            pass
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
@@ -292,10 +277,10 @@ class Serving:
                 capture_output=True, text=True, timeout=MERGE_TIMEOUT_S, cwd=ROOT,
                 preexec_fn=child_setup(10))  # dies with the app; annotators' requests first
         except subprocess.TimeoutExpired:
-            shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)
+            shutil.rmtree(tmp_folder(out), ignore_errors=True)
             raise EngineError(f"merging {version!r} took over {MERGE_TIMEOUT_S} s; it is tried again later") from None
         if proc.returncode != 0:
-            shutil.rmtree(out.with_name(f".{out.name}.tmp"), ignore_errors=True)  # a killed child's half folder
+            shutil.rmtree(tmp_folder(out), ignore_errors=True)  # a killed child's half folder
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             if proc.returncode == 2:  # the adapter cannot be merged: never worth a retry
                 raise AdapterRejected(f"adapter {version!r} could not be merged into the base: {last}")
@@ -307,8 +292,6 @@ class Serving:
     def _reload(self, version: str, smoke: bool) -> None:
         """Make the servers hold ``version``'s merged weights (with the lease exclusive and
         ``_lock`` held). A failed reload or smoke answer puts the previous weights back."""
-        from collector.merge import MARKER
-
         folder = self._weights_folder(version)
         previous = self._weights
         try:  # found before anything changes: a failure must have weights to fall back on
@@ -558,6 +541,14 @@ class Serving:
             self._retry_at.pop(name, None)
             return name
         return None
+
+
+def _holds(out: Path, adapter: Path) -> bool:
+    """``out`` is a finished merge of this adapter's content (its marker names the digest)."""
+    try:
+        return json.loads((out / MARKER).read_text())["digest"] == adapter_digest(adapter)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def base_folder(base_model: str) -> Path:
