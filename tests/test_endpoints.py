@@ -16,34 +16,37 @@ MSGS = [{"role": "user", "content": "Name a fruit."}]
 
 
 @pytest.fixture(scope="module")
-def two_servers(smollm2_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("two-vllm")
-    servers = [VLLMServer(EngineConfig(model=str(smollm2_dir), log_path=logs / f"vllm-{i}.log")) for i in range(2)]
-    servers[1].api_key = servers[0].api_key  # attached servers share one key (--vllm-api-key)
-    for s in servers:  # start both, then wait: the two start-ups overlap
-        s.start()
+def second_server(engine, smollm2_dir, tmp_path_factory):
+    """A second vLLM server beside the shared one (tests/conftest.py), sharing its key as attached
+    servers do (--vllm-url twice, one --vllm-api-key). The shared server only gains an adapter
+    under a digest-qualified name (Engine.vllm_name), which no other test's round can collide with."""
+    logs = tmp_path_factory.mktemp("second-vllm")
+    server = VLLMServer(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log"))
+    server.api_key = engine.endpoints[0].api_key
+    server.start()
     try:
-        for s in servers:
-            s.wait_ready()
-        yield servers
+        server.wait_ready()
+        yield server
     finally:
-        for s in servers:
-            s.stop()
+        server.stop()
 
 
-def test_two_endpoints_share_requests_take_adapters_and_survive_one_down(two_servers, smollm2_dir, tmp_path):
-    a, b = two_servers
-    engine = Engine.attach([a.url, b.url], a.api_key)
+def test_two_endpoints_share_requests_take_adapters_and_survive_one_down(engine, second_server, smollm2_dir,
+                                                                           tmp_path):
+    a, b = engine.endpoints[0], second_server
+    attached = Engine.attach([a.url, b.url], a.api_key)
     adapters = tmp_path / "adapters"
     make_adapter(smollm2_dir, adapters / "round-0001")
-    serving = Serving(engine, VoteStore(tmp_path / "votes.db"), adapters, str(smollm2_dir), max_rank=16)
+    serving = Serving(attached, VoteStore(tmp_path / "votes.db"), adapters, str(smollm2_dir), max_rank=16)
     serving.swap("round-0001")
-    for ep in engine.endpoints:  # loaded into every endpoint
-        assert "round-0001" in engine.models(ep)
-    used = [engine.pick().url for _ in range(4)]
+    for ep in attached.endpoints:  # loaded into every endpoint (this round-0001: by its digest)
+        assert attached.vllm_name("round-0001") in attached.models(ep, raw=True)
+    used = [attached.pick().url for _ in range(4)]
     assert set(used) == {a.url, b.url}  # round robin over both
 
     b.stop()
-    pairs = [sample_pair(engine, MSGS, SamplingParams(max_tokens=16), seed=i, model=serving.current) for i in range(4)]
+    pairs = [sample_pair(attached, MSGS, SamplingParams(max_tokens=16), seed=i, model=serving.current)
+             for i in range(4)]
     assert all(p.models == ("round-0001", "round-0001") and p.answers[0] for p in pairs)
-    assert [ep.healthy for ep in engine.endpoints] == [True, False]
+    assert [ep.healthy for ep in attached.endpoints] == [True, False]
+    attached.unload_adapter("round-0001")  # the shared server as the other tests find it

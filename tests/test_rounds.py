@@ -207,7 +207,7 @@ def test_the_next_round_continues_the_served_adapter_as_its_reference_at_the_con
     IPO alone (no NLL term), its ``ipo/loss`` must equal TRL's own loss at every step."""
     store, rounds, first, _ = trained
     _seed_votes(store, 4)  # votes 9..12
-    cfg = RoundConfig(heldout_fraction=0.0, continue_learning_rate=2e-4,
+    cfg = RoundConfig(heldout_fraction=0.0, continue_learning_rate=2e-4, sample_prompts=0,  # no gate samples here
                       train=TrainConfig(beta=0.1, epochs=1, learning_rate=5e-4, max_length=128, sft_weight=0.0))
     progress = []
     ServingLog(store).record([first["adapter"]])  # what the app records once it serves round 1

@@ -14,7 +14,6 @@ import base64
 import hashlib
 import http.server
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -125,29 +124,16 @@ def test_every_pin_is_written_once_and_requirements_txt_is_generated_from_it():
         assert not re.search(r"torch==\d", (ROOT / script).read_text())
 
 
-def test_the_cuda_dependency_set_resolves_for_the_images_python(tmp_path):
-    """Asks the package index (pip install --dry-run, metadata only) whether the image's dependency
-    set resolves for Python 3.11 on x86_64 Linux, as the Space will install it. Skipped, and says
-    so, when the index cannot be reached."""
-    try:
-        httpx.get("https://pypi.org/simple/vllm/", timeout=10).raise_for_status()
-    except httpx.HTTPError as e:
-        pytest.skip(f"the package index cannot be reached from here ({type(e).__name__}): not resolved")
-    reqs = tmp_path / "requirements-cuda.txt"
-    reqs.write_text(subprocess.run([sys.executable, "scripts/requirements.py", "cuda"], cwd=ROOT,
-                                   capture_output=True, text=True, check=True).stdout)
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
-    # python:3.11-slim is Debian 12 (glibc 2.36): every manylinux wheel up to 2_36 installs there
-    platforms = [a for glibc in range(17, 37) for a in ("--platform", f"manylinux_2_{glibc}_x86_64")]
-    platforms += ["--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-         str(tmp_path / "report.json"), "--python-version", "3.11", *platforms,
-         "--only-binary", ":all:", "--index-url", "https://pypi.org/simple", "-r", str(reqs)],
-        capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_the_cuda_dependency_set_resolves_for_the_images_python(cuda_resolution):
+    """Asks the package index (pip install --dry-run, metadata only: tests/prestart.py, started with
+    the run) whether the image's dependency set resolves for Python 3.11 on x86_64 Linux, as the
+    Space will install it. Skipped, and says so, when the index cannot be reached."""
+    if isinstance(cuda_resolution, str):
+        pytest.skip(cuda_resolution)
+    code, output, report = cuda_resolution
+    assert code == 0, output
     chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"]
-              for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+              for i in json.loads(report.read_text())["install"]}
     assert chosen["vllm"] == "0.32.0" and chosen["torch"].split("+")[0] == "2.13.0"
     assert any(name.startswith("nvidia-") for name in chosen)  # the CUDA build, with its CUDA libraries
 
