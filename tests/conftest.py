@@ -70,6 +70,14 @@ def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
                    "HF_HOME": str(tmp_path_factory.mktemp("vllm-hf-home"))}
         pre.add("engine", lambda: pre.server(VLLMServer(EngineConfig(
             model=str(pre.result("smollm2_dir")), log_path=vllm_logs / "vllm.log", env=hub_env))))
+    if "second_server" in used:
+        def second_server() -> VLLMServer:
+            server = VLLMServer(EngineConfig(model=str(pre.result("smollm2_dir")),
+                                             log_path=vllm_logs / "second-vllm.log"))
+            server.api_key = pre.result("engine").api_key  # attached servers share one key
+            return pre.server(server)
+
+        pre.add("second_server", second_server)
     if used & {"tiny_mistral_dir", "tiny_engine"}:
         tiny = tmp_path_factory.mktemp("tiny-mistral")
         pre.add("tiny_mistral_dir", lambda: (run_job(["tiny", str(pre.result("smollm2_dir")), str(tiny)],
@@ -146,6 +154,15 @@ def engine(prestart) -> Iterator[Engine]:
     eng = Engine.started(prestart.result("engine"))
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def second_server(prestart, engine) -> VLLMServer:
+    """A second vLLM server on SmolLM2 with the shared server's key (tests/test_endpoints.py, which
+    stops it)."""
+    server = prestart.result("second_server")
+    server.wait_ready()
+    return server
 
 
 @pytest.fixture(scope="session")

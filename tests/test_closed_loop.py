@@ -1,7 +1,7 @@
 """The closed loop, end to end: votes through the API make the served model better in the eyes of
 the same annotator.
 
-Eight scripted annotators with one checkable preference (the shorter answer wins) vote through
+Twelve scripted annotators with one checkable preference (the shorter answer wins) vote through
 `/next_pair` and `/vote` on the real app; the schedule starts one IPO round by itself; the gate
 promotes it and the app hot-swaps it into vLLM. Then, on prompts that were never voted on, the
 served adapter and the base answer with the same seeds, and the same annotator judges: the
@@ -24,7 +24,9 @@ from tests.conftest import RunningApp
 
 USABLE_VOTES = 48  # the round starts at this many votes it can train on (not both_bad)
 MAX_PAIRS = 400  # a bound on the voting, in case the answers stopped finishing
-ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
+# 12 at once: the app writes 8 pairs at a time on a CPU (its default) and the others wait in line for
+# a free slot, so the 8 stay busy while people read and vote; vLLM batches them.
+ANNOTATORS = [f"ann{i}" for i in range(1, 13)]
 MAX_TOKENS = 96
 # Two answers cut at the limit say nothing about which one is shorter, so the annotator calls them
 # both bad (not trained on) and votes until 48 pairs have a finished answer in them: votes on cut
@@ -119,7 +121,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
             return pair.answers, tuple(f == "length" for f in pair.finish_reasons)
 
         jobs = list(enumerate(p for p in HELDOUT for _ in range(3)))
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: vLLM batches them
             results = list(pool.map(compare, jobs))
         verdicts = [prefers(*answers, *cut) for answers, cut in results]
         wins, losses = verdicts.count("left"), verdicts.count("right")

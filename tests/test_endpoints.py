@@ -4,31 +4,13 @@ all, and one endpoint down means the others keep serving.
     .venv/bin/python -m pytest tests/test_endpoints.py
 """
 
-import pytest
-
-from collector.engine import Engine, EngineConfig, VLLMServer
+from collector.engine import Engine
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
 from storage.votes import VoteStore
 from tests.conftest import make_adapter
 
 MSGS = [{"role": "user", "content": "Name a fruit."}]
-
-
-@pytest.fixture(scope="module")
-def second_server(engine, smollm2_dir, tmp_path_factory):
-    """A second vLLM server beside the shared one (tests/conftest.py), sharing its key as attached
-    servers do (--vllm-url twice, one --vllm-api-key). The shared server only gains an adapter
-    under a digest-qualified name (Engine.vllm_name), which no other test's round can collide with."""
-    logs = tmp_path_factory.mktemp("second-vllm")
-    server = VLLMServer(EngineConfig(model=str(smollm2_dir), log_path=logs / "vllm.log"))
-    server.api_key = engine.endpoints[0].api_key
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 def test_two_endpoints_share_requests_take_adapters_and_survive_one_down(engine, second_server, smollm2_dir,
