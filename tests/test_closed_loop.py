@@ -1,7 +1,7 @@
 """The closed loop, end to end: votes through the API make the served model better in the eyes of
 the same annotator.
 
-Twelve scripted annotators with one checkable preference (the shorter answer wins) vote through
+Eight scripted annotators with one checkable preference (the shorter answer wins) vote through
 `/next_pair` and `/vote` on the real app; the schedule starts one IPO round by itself; the gate
 promotes it and the app hot-swaps it into vLLM. Then, on prompts that were never voted on, the
 served adapter and the base answer with the same seeds, and the same annotator judges: the
@@ -24,9 +24,7 @@ from tests.conftest import RunningApp
 
 USABLE_VOTES = 48  # the round starts at this many votes it can train on (not both_bad)
 MAX_PAIRS = 400  # a bound on the voting, in case the answers stopped finishing
-# 12 at once: the app writes 8 pairs at a time on a CPU (its default) and the others wait in line for
-# a free slot, so the 8 stay busy while people read and vote; vLLM batches them.
-ANNOTATORS = [f"ann{i}" for i in range(1, 13)]
+ANNOTATORS = [f"ann{i}" for i in range(1, 9)]  # 8 at once: vLLM batches them
 MAX_TOKENS = 96
 # Two answers cut at the limit say nothing about which one is shorter, so the annotator calls them
 # both bad (not trained on) and votes until 48 pairs have a finished answer in them: votes on cut

@@ -119,7 +119,10 @@ def trained(tmp_path_factory, smollm2_dir):
     store = VoteStore(data / "votes.db")
     _seed_votes(store, 8)
     rounds = Rounds(store, data, str(smollm2_dir))
-    cfg = RoundConfig(heldout_fraction=0.0, train=TrainConfig(beta=0.1, epochs=2, learning_rate=5e-4, max_length=128))
+    # No gate samples: the gate's generations are tested below (one padded batch) and run in every
+    # round of the closed loop, the browser's round and the tiny Mistral's (tests/test_qlora.py).
+    cfg = RoundConfig(heldout_fraction=0.0, sample_prompts=0,
+                      train=TrainConfig(beta=0.1, epochs=2, learning_rate=5e-4, max_length=128))
     progress = []
     manifest = rounds.run(cfg, on_progress=progress.append)
     return store, rounds, manifest, progress
