@@ -114,7 +114,11 @@ def cuda_resolution(prestart) -> tuple[int, str, Path] | str:
     proc = prestart.result("cuda_resolution")
     if isinstance(proc, str):
         return proc
-    code = proc.wait(timeout=900)
+    try:
+        code = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     folder = Path(proc.args[proc.args.index("--report") + 1]).parent
     return code, (folder / "pip.out").read_text(errors="replace")[-3000:], folder / "report.json"
 

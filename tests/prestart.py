@@ -13,7 +13,6 @@ Nothing is started that no selected test needs.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -96,9 +95,6 @@ class Prestart:
                 future.set_exception(e)
         self._hold.wait()
 
-    def wanted(self, name: str) -> bool:
-        return name in self.futures
-
     def result(self, name: str) -> Any:
         return self.futures[name].result()
 
@@ -118,7 +114,7 @@ def run_job(args: list[str], log: Path) -> None:
     GIL nor touches their torch random state); output to ``log``, which a failure quotes."""
     with open(log, "wb") as out:
         code = subprocess.call([sys.executable, str(Path(__file__)), *args], cwd=ROOT, stdout=out,
-                               stderr=subprocess.STDOUT, env={**os.environ})
+                               stderr=subprocess.STDOUT)
     if code != 0:
         raise RuntimeError(f"tests/prestart.py {' '.join(args)} exited with {code}:\n{log.read_text()[-3000:]}")
 
