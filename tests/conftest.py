@@ -28,8 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFLOOP_VLLM_CPU_LORA_COMPILE", "0")
 
 from collector.engine import Engine, EngineConfig, VLLMServer, free_port  # noqa: E402
-from collector.models import EMBEDDED_NAME  # noqa: E402
-from tests.prestart import Prestart, cuda_resolution_command, run_job  # noqa: E402
+from tests.prestart import Prestart, embedded, start_cuda_resolution, tiny_mistral  # noqa: E402
 
 # What the background set-up (tests/prestart.py) prepares, by fixture name, and the fixtures whose
 # modules therefore run last: a module that needs none of them runs while they start.
@@ -57,12 +56,11 @@ def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
     pre = Prestart()
     if "cuda_resolution" in used:
         folder = tmp_path_factory.mktemp("cuda-resolution")
-        pre.add("cuda_resolution", lambda: _start_cuda_resolution(folder))
+        pre.add("cuda_resolution", lambda: start_cuda_resolution(folder))
     if used & (MODELS | SERVERS):
         models = tmp_path_factory.mktemp("shared-data") / "models"
         logs = tmp_path_factory.mktemp("prestart-logs")
-        pre.add("smollm2_dir", lambda: (run_job(["embedded", str(models)], logs / "embedded.log"),
-                                        models / EMBEDDED_NAME)[1])
+        pre.add("smollm2_dir", lambda: embedded(models, logs / "embedded.log"))
     if used & {"engine", "app"}:
         hub = request.getfixturevalue("hub_stub")
         vllm_logs = tmp_path_factory.mktemp("vllm-logs")
@@ -80,8 +78,7 @@ def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
         pre.add("second_server", second_server)
     if used & {"tiny_mistral_dir", "tiny_engine"}:
         tiny = tmp_path_factory.mktemp("tiny-mistral")
-        pre.add("tiny_mistral_dir", lambda: (run_job(["tiny", str(pre.result("smollm2_dir")), str(tiny)],
-                                                     logs / "tiny.log"), tiny)[1])
+        pre.add("tiny_mistral_dir", lambda: tiny_mistral(pre.result("smollm2_dir"), tiny, logs / "tiny.log"))
     if "tiny_engine" in used:
         tiny_logs = tmp_path_factory.mktemp("tiny-vllm-logs")
         pre.add("tiny_engine", lambda: pre.server(VLLMServer(EngineConfig(
@@ -92,34 +89,19 @@ def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
     pre.close()
 
 
-def _start_cuda_resolution(folder: Path) -> subprocess.Popen | str:
-    """The pip dry run of tests/test_space.py, started (it waits on the package index); the reason
-    instead when the index cannot be reached from here."""
-    try:
-        httpx.get("https://pypi.org/simple/vllm/", timeout=10).raise_for_status()
-    except httpx.HTTPError as e:
-        return f"the package index cannot be reached from here ({type(e).__name__}): not resolved"
-    reqs = folder / "requirements-cuda.txt"
-    reqs.write_text(subprocess.run([sys.executable, "scripts/requirements.py", "cuda"], cwd=ROOT,
-                                   capture_output=True, text=True, check=True).stdout)
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
-    return subprocess.Popen(cuda_resolution_command(reqs, folder / "report.json"), env=env,
-                            stdout=open(folder / "pip.out", "wb"), stderr=subprocess.STDOUT)
-
-
 @pytest.fixture(scope="session")
 def cuda_resolution(prestart) -> tuple[int, str, Path] | str:
     """(pip's exit code, its output's tail, its report) for the image's CUDA dependency set, or why
     the package index could not be asked."""
-    proc = prestart.result("cuda_resolution")
-    if isinstance(proc, str):
-        return proc
+    started = prestart.result("cuda_resolution")
+    if isinstance(started, str):
+        return started
+    proc, folder = started
     try:
         code = proc.wait(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    folder = Path(proc.args[proc.args.index("--report") + 1]).parent
     return code, (folder / "pip.out").read_text(errors="replace")[-3000:], folder / "report.json"
 
 
@@ -161,7 +143,7 @@ def engine(prestart) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def second_server(prestart, engine) -> VLLMServer:
+def second_server(prestart) -> VLLMServer:
     """A second vLLM server on SmolLM2 with the shared server's key (tests/test_endpoints.py, which
     stops it)."""
     server = prestart.result("second_server")

@@ -13,6 +13,7 @@ Nothing is started that no selected test needs.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -46,15 +47,28 @@ def build_tiny_mistral(smollm2_dir: Path, out: Path) -> Path:
     return out
 
 
-def cuda_resolution_command(requirements: Path, report: Path) -> list[str]:
-    """pip's dry run (metadata only) of the image's dependency set for Python 3.11 on x86_64 Linux,
-    as the Space will install it: python:3.11-slim is Debian 12 (glibc 2.36), where every manylinux
-    wheel up to 2_36 installs."""
+def start_cuda_resolution(folder: Path) -> tuple[subprocess.Popen, Path] | str:
+    """Start pip's dry run (metadata only) of the image's dependency set for Python 3.11 on x86_64
+    Linux, as the Space will install it (tests/test_space.py reads the result): the process and the
+    folder of its output and report; the reason instead when the package index cannot be reached.
+    python:3.11-slim is Debian 12 (glibc 2.36), where every manylinux wheel up to 2_36 installs."""
+    import httpx
+
+    try:
+        httpx.get("https://pypi.org/simple/vllm/", timeout=10).raise_for_status()
+    except httpx.HTTPError as e:
+        return f"the package index cannot be reached from here ({type(e).__name__}): not resolved"
+    reqs = folder / "requirements-cuda.txt"
+    reqs.write_text(subprocess.run([sys.executable, "scripts/requirements.py", "cuda"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout)
     platforms = [a for glibc in range(17, 37) for a in ("--platform", f"manylinux_2_{glibc}_x86_64")]
     platforms += ["--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
-    return [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-            str(report), "--python-version", "3.11", *platforms, "--only-binary", ":all:",
-            "--index-url", "https://pypi.org/simple", "-r", str(requirements)]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+           str(folder / "report.json"), "--python-version", "3.11", *platforms, "--only-binary", ":all:",
+           "--index-url", "https://pypi.org/simple", "-r", str(reqs)]
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""}
+    with open(folder / "pip.out", "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), folder
 
 
 class Prestart:
@@ -117,6 +131,20 @@ def run_job(args: list[str], log: Path) -> None:
                                stderr=subprocess.STDOUT)
     if code != 0:
         raise RuntimeError(f"tests/prestart.py {' '.join(args)} exited with {code}:\n{log.read_text()[-3000:]}")
+
+
+def embedded(models: Path, log: Path) -> Path:
+    """The embedded model converted under ``models`` (``collector.models.ensure_embedded``)."""
+    from collector.models import EMBEDDED_NAME
+
+    run_job(["embedded", str(models)], log)
+    return models / EMBEDDED_NAME
+
+
+def tiny_mistral(smollm2_dir: Path, out: Path, log: Path) -> Path:
+    """``build_tiny_mistral`` into ``out``."""
+    run_job(["tiny", str(smollm2_dir), str(out)], log)
+    return out
 
 
 def main(argv: list[str]) -> None:
