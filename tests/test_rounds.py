@@ -313,3 +313,63 @@ def test_the_gate_generates_in_one_padded_batch_as_it_would_one_prompt_at_a_time
             if "lora_B" in name:
                 p.normal_(0, 0.2)  # a KL (0.5..1.3 nats/token) far above the Monte-Carlo noise of 32 tokens
     assert _kl_estimate(peft_model, tok, prompts, max_new_tokens=8)["kl_per_token"] > 1e-3
+
+
+def test_a_cpu_round_scores_the_labels_with_the_labelled_logits_head(trained):
+    assert trained[2]["metrics"]["logprob_head"] == "labelled logits"
+
+
+def test_the_labelled_logits_head_matches_trls_fused_head(smollm2_dir):
+    """On a CPU the round's LM head is trainer.lm_head's, not TRL's fused one. In float32 both give
+    the same log-probs, metric fields, loss and LoRA gradients, on a left-padded batch with its prompt
+    positions masked; under bf16 autocast the gradients are as close to float32's as TRL's are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trainer.ipo import LORA_TARGETS
+    from trainer.lm_head import add_cpu_logprob_head
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    add_fused_lm_head(model, outputs=fields)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # a policy away from the base, so every LoRA matrix has a gradient
+    ids = torch.randint(0, model.config.vocab_size, (4, 40))
+    attention = torch.ones_like(ids)
+    attention[1, :7] = 0  # left padding
+    labels = ids.masked_fill(torch.arange(40) < 15, -100)  # the prompt
+    labels[1, :7] = -100
+
+    def forward(bf16: bool):
+        peft_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = peft_model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+    def error(grads, reference) -> float:  # the worst LoRA matrix's relative error
+        assert grads.keys() == reference.keys() and len(grads) == 2 * 7 * model.config.num_hidden_layers
+        return max(((grads[n] - reference[n]).norm() / reference[n].norm()).item() for n in reference)
+
+    trl, trl_grads = forward(bf16=False)
+    _, trl_bf16_grads = forward(bf16=True)
+    assert add_cpu_logprob_head(model, fields)
+    ours, our_grads = forward(bf16=False)
+    _, our_bf16_grads = forward(bf16=True)
+    mask = labels[:, 1:] != -100
+    assert torch.equal(ours.label_mask, mask) and torch.equal(trl.label_mask, mask)
+    for name in fields:
+        a, b = getattr(ours, name).detach(), getattr(trl, name).detach()
+        assert a.shape == b.shape == mask.shape and not a[~mask].any(), name
+        assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4), (name, (a.float() - b.float()).abs().max())
+    assert ours.loss.item() == pytest.approx(trl.loss.item(), rel=1e-5)
+    assert error(our_grads, trl_grads) < 1e-4
+    assert error(our_bf16_grads, trl_grads) < 1.2 * error(trl_bf16_grads, trl_grads)
+    with torch.no_grad():  # other calls (generation, plain forwards) are TRL's, then the model's own
+        assert peft_model(input_ids=ids[:1]).logits.shape == (1, 40, model.config.vocab_size)

@@ -150,6 +150,21 @@ def _trainer_class():
 
     class IPOTrainer(DPOTrainer):
         heldout_counts: dict[str, int]
+        logprob_head = "trl fused"  # which LM head scores the labels: TRL's, or trainer.lm_head's
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.accelerator.device.type == "cpu":  # TRL's fused head is slow there (trainer.lm_head)
+                from peft import PeftModel
+
+                from trainer.lm_head import add_cpu_logprob_head
+
+                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+                if self.use_weighting:
+                    outputs += ("log_sum_sq_probs",)
+                base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+                if add_cpu_logprob_head(base, outputs):
+                    self.logprob_head = "labelled logits"
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """TRL's tokenisation, then the turn end is taken off answers that were cut (trainer.data)."""
@@ -342,6 +357,7 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         "seconds_per_step": train_s / max(1, out.global_step),
         "tokens_per_second": trainer.state.num_input_tokens_seen / train_s if train_s else 0.0,
         "peak_rss_mb": _peak_rss_mb(),
+        "logprob_head": trainer.logprob_head,
         # what the base was loaded as: "4bit" (bitsandbytes nf4, QLoRA) or the float dtype
         "base_precision": "4bit" if getattr(model, "is_loaded_in_4bit", False) else str(
             next(p for p in model.parameters() if not p.requires_grad).dtype).removeprefix("torch."),
