@@ -333,12 +333,75 @@ def guard_dev_routes() -> None:
     authenticate.GUARDED_PREFIX = tuple(dict.fromkeys((*authenticate.GUARDED_PREFIX, *DEV_ROUTES)))
 
 
+# -- Seeded requests whose prefill is chunked, on the CPU backend ---------------------------------
+#
+# A request whose prefill is split over steps (chunked prefill: a burst of prompts over the step's
+# token budget) is sampled at each partial step and the sample thrown away. For a seeded request
+# vLLM's model runner then rewinds its generator, ``gen.set_offset(gen.get_offset() - 4)`` in
+# ``_bookkeeping_sync``: a CUDA generator's Philox offset. A CPU generator has no offset and raises
+# ("CPU Generator does not use offset"), which kills the engine, and every PrefLoop pair is seeded.
+# Here the discarded requests' generators are saved before sampling and restored after (the same
+# effect: the stream is as if the thrown-away sample was never drawn) and kept out of the rewind.
+
+
+def _discarded_generators(runner) -> dict[int, torch.Generator]:
+    import numpy as np
+
+    batch = runner.input_batch
+    rows = np.nonzero(runner.discard_request_mask.np[: batch.num_reqs])[0]
+    return {int(i): batch.generators[int(i)] for i in rows if int(i) in batch.generators}
+
+
+def keep_seeded_streams_on_cpu(runner_class) -> None:
+    """Patch ``runner_class`` (vLLM's CPUModelRunner) as above; idempotent."""
+    if getattr(runner_class, "_prefloop_seeded_streams", False):
+        return
+    sample, bookkeeping = runner_class._sample, runner_class._bookkeeping_sync
+
+    def _sample(self, *args, **kwargs):
+        saved = {i: g.get_state() for i, g in _discarded_generators(self).items()}
+        try:
+            return sample(self, *args, **kwargs)
+        finally:
+            for i, state in saved.items():
+                self.input_batch.generators[i].set_state(state)
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        hidden = _discarded_generators(self)
+        for i in hidden:
+            del self.input_batch.generators[i]
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators.update(hidden)
+
+    runner_class._sample, runner_class._bookkeeping_sync = _sample, _bookkeeping_sync
+    runner_class._prefloop_seeded_streams = True
+
+
+def _guard_seeded_chunked_prefill() -> None:
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # not a build with the CPU model runner
+        return
+    if not all(hasattr(CPUModelRunner, m) for m in ("_sample", "_bookkeeping_sync")):
+        logger.warning("PrefLoop could not guard seeded requests against chunked prefill on this vLLM; "
+                       "keep --max-num-batched-tokens above a burst of prompts")
+        return
+    keep_seeded_streams_on_cpu(CPUModelRunner)
+
+
 def register() -> None:
     """Entry point. In a server PrefLoop manages (PREFLOOP_DIE_WITH_PARENT=1), every vLLM process
     dies with its parent, so that a killed app takes the whole server along (the API server dies
     with the app; its engine processes die with it). With PREFLOOP_HUB_ADAPTERS=REPO[,REPO], the
-    server loads published adapters by name (``HubAdapterResolver``). Then: swap the CPU punica
-    wrapper's ops (only where vLLM runs on the CPU backend)."""
+    server loads published adapters by name (``HubAdapterResolver``). Then, only where vLLM runs on
+    the CPU backend: seeded requests survive a chunked prefill, and the CPU punica wrapper's ops are
+    swapped."""
     import os
 
     if os.environ.get("PREFLOOP_DIE_WITH_PARENT") == "1":
@@ -353,6 +416,7 @@ def register() -> None:
         repos = [r.strip() for r in os.environ["PREFLOOP_HUB_ADAPTERS"].split(",") if r.strip()]
         if "PrefLoop Hub adapters" not in LoRAResolverRegistry.get_supported_resolvers():
             LoRAResolverRegistry.register_resolver("PrefLoop Hub adapters", HubAdapterResolver(repos))
+    _guard_seeded_chunked_prefill()
     if os.environ.get("PREFLOOP_VLLM_CPU_LORA_OPS", "1") == "0":
         return
     try:

@@ -70,8 +70,10 @@ def prestart(request, tmp_path_factory) -> Iterator[Prestart]:
             model=str(pre.result("smollm2_dir")), log_path=vllm_logs / "vllm.log", env=hub_env))))
     if "second_server" in used:
         def second_server() -> VLLMServer:
+            # A step budget of 32 tokens splits every prompt's prefill over steps (chunked prefill).
             server = VLLMServer(EngineConfig(model=str(pre.result("smollm2_dir")),
-                                             log_path=vllm_logs / "second-vllm.log"))
+                                             log_path=vllm_logs / "second-vllm.log",
+                                             extra_args=["--max-num-batched-tokens", "32", "--max-num-seqs", "16"]))
             server.api_key = pre.result("engine").api_key  # attached servers share one key
             return pre.server(server)
 
@@ -144,8 +146,8 @@ def engine(prestart) -> Iterator[Engine]:
 
 @pytest.fixture(scope="session")
 def second_server(prestart) -> VLLMServer:
-    """A second vLLM server on SmolLM2 with the shared server's key (tests/test_endpoints.py, which
-    stops it)."""
+    """A second vLLM server on SmolLM2 with the shared server's key, whose steps hold 32 tokens, so
+    that every prompt's prefill is chunked (tests/test_endpoints.py, which stops it)."""
     server = prestart.result("second_server")
     server.wait_ready()
     return server

@@ -4,6 +4,8 @@ all, and one endpoint down means the others keep serving.
     .venv/bin/python -m pytest tests/test_endpoints.py
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 from collector.engine import Engine
 from collector.sampling import SamplingParams, sample_pair
 from collector.serving import Serving
@@ -11,6 +13,21 @@ from storage.votes import VoteStore
 from tests.conftest import make_adapter
 
 MSGS = [{"role": "user", "content": "Name a fruit."}]
+
+
+def test_seeded_pairs_survive_a_prefill_split_over_steps(second_server):
+    """Every pair is a seeded request. When a prompt's prefill is split over steps, vLLM rewinds the
+    request's random generator by a CUDA offset a CPU generator does not have, which killed the
+    engine; PrefLoop's vLLM plugin keeps the stream instead (collector.vllm_plugin)."""
+    server = Engine.attach([second_server.url], second_server.api_key)
+    long = [{"role": "user", "content": "Here is a list of fruits: " + ", ".join(["apple", "pear", "plum"] * 20)
+             + ". Which one is the sweetest?"}]
+    # about 150 tokens: each prefill takes several steps of 32
+    with ThreadPoolExecutor(4) as pool:  # prefills of several requests in one step's budget, too
+        pairs = list(pool.map(lambda i: sample_pair(server, long, SamplingParams(max_tokens=8), seed=i), range(4)))
+    assert all(p.answers[0] and p.answers[1] for p in pairs)
+    again = sample_pair(server, long, SamplingParams(max_tokens=8), seed=0)
+    assert again.answers == pairs[0].answers  # the server is up, and a seed still means one answer
 
 
 def test_two_endpoints_share_requests_take_adapters_and_survive_one_down(engine, second_server, smollm2_dir,
