@@ -119,7 +119,7 @@ def test_votes_through_the_api_make_the_served_adapter_win_on_held_out_prompts(e
             return pair.answers, tuple(f == "length" for f in pair.finish_reasons)
 
         jobs = list(enumerate(p for p in HELDOUT for _ in range(3)))
-        with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: their prefills are chunked (vllm_plugin)
+        with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: a chunked seeded prefill is safe (vllm_plugin)
             results = list(pool.map(compare, jobs))
         verdicts = [prefers(*answers, *cut) for answers, cut in results]
         wins, losses = verdicts.count("left"), verdicts.count("right")

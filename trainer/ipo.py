@@ -159,7 +159,7 @@ def _trainer_class():
 
                 from trainer.lm_head import add_cpu_logprob_head
 
-                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks TRL's head for
                 if self.use_weighting:
                     outputs += ("log_sum_sq_probs",)
                 base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
